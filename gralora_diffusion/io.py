@@ -1,0 +1,354 @@
+"""The GraLoRA adapter file: one ``.safetensors`` holding every pipeline component, plus PEFT-folder interop.
+
+Layout of a file written by ``save_adapter_file``:
+
+* tensors ``<component>.<module path>.<param>``, where component is ``unet``, ``text_encoder`` or
+  ``text_encoder_2`` (any diffusers component name is allowed) and ``<module path>.<param>`` is exactly PEFT's key
+  for a GraLoRA parameter with the adapter name removed (``gralora_A`` [k, in/k, r], ``gralora_B`` [k, r, out/k],
+  and for hybrid adapters ``gralora_A_general.weight`` / ``gralora_B_general.weight``);
+* header metadata (strings): ``format`` = ``gralora-diffusion``, ``format_version``, ``gralora_config`` (JSON:
+  component -> PEFT ``GraloraConfig`` fields), ``base_model``, and any extra user keys (trigger prompt, steps...).
+
+Only safetensors are read; pickle files (``.bin``, ``.pt``, ``.ckpt``) are refused, never loaded. This module knows
+nothing of diffusers pipelines: it turns bytes into validated tensors and configs and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import GraloraConfig
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import COMPONENTS
+
+FORMAT_NAME = "gralora-diffusion"
+FORMAT_VERSION = "1"
+RESERVED_METADATA_KEYS = ("format", "format_version", "gralora_config", "base_model")
+PARAM_SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter file or state dict cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class AdapterFile:
+    """A GraLoRA adapter in memory: per component, PEFT-named tensors and the PEFT config."""
+
+    state_dicts: dict[str, dict[str, torch.Tensor]]
+    configs: dict[str, GraloraConfig]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<state dict>"
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata.get("base_model", "")
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.state_dicts)
+
+    def module_names(self, component: str) -> list[str]:
+        """The adapted module paths of ``component``, from the tensor names."""
+        return sorted({split_param_key(key)[0] for key in self.state_dicts[component]})
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for sd in self.state_dicts.values() for t in sd.values())
+
+
+def split_param_key(key: str) -> tuple[str, str]:
+    """``"a.b.to_q.gralora_A"`` -> (``"a.b.to_q"``, ``"gralora_A"``); raises if it is not a GraLoRA key."""
+    for suffix in PARAM_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise AdapterFileError(f"Tensor {key!r} is not a GraLoRA parameter (expected one of {PARAM_SUFFIXES}).")
+
+
+def config_to_dict(config: GraloraConfig) -> dict:
+    """The JSON-able fields of a ``GraloraConfig`` (target modules as a sorted list)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, set):
+            value = sorted(value)
+        if hasattr(value, "value"):  # enums such as peft_type
+            value = value.value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        out[f.name] = value
+    return out
+
+
+def config_from_dict(values: dict) -> GraloraConfig:
+    """A ``GraloraConfig`` from saved fields; unknown fields (a newer PEFT) are ignored."""
+    known = {f.name for f in dataclasses.fields(GraloraConfig) if f.init}
+    kwargs = {k: v for k, v in values.items() if k in known and k not in ("peft_type", "task_type")}
+    return GraloraConfig(**kwargs)
+
+
+def _describe_non_gralora(keys: list[str]) -> str | None:
+    """If the tensor names are those of a LoRA (PEFT, diffusers or kohya naming), say so."""
+    lora_markers = (
+        ".lora_A.",
+        ".lora_B.",
+        ".lora_down.",
+        ".lora_up.",
+        "lora_unet_",
+        "lora_te",
+        ".lora.down.",
+    )
+    if any(marker in key for key in keys for marker in lora_markers):
+        return "is a LoRA adapter, not GraLoRA; load it with diffusers' pipe.load_lora_weights(...) instead"
+    return None
+
+
+def infer_config(tensors: dict[str, torch.Tensor], component: str) -> GraloraConfig:
+    """Rebuild a config from tensor shapes alone (for files or state dicts written without our metadata).
+
+    k and r come from ``gralora_A`` [k, in/k, r] and hybrid_r from ``gralora_A_general.weight`` [hybrid_r, in];
+    alpha is not recoverable from shapes, so the paper's default alpha = 2r is assumed, with a warning.
+    """
+    a_key = next(key for key in tensors if key.endswith(".gralora_A"))
+    k, _, r = tensors[a_key].shape
+    general = [key for key in tensors if key.endswith(".gralora_A_general.weight")]
+    hybrid_r = tensors[general[0]].shape[0] if general else 0
+    warnings.warn(
+        f"The GraLoRA config of component {component!r} is not recorded; inferred r={r}, k={k}, "
+        f"hybrid_r={hybrid_r} from the tensor shapes and assumed alpha={2 * r} (2r).",
+        stacklevel=3,
+    )
+    modules = sorted({split_param_key(key)[0] for key in tensors})
+    return GraloraConfig(r=int(r), alpha=2 * int(r), gralora_k=int(k), hybrid_r=int(hybrid_r), target_modules=modules)
+
+
+def _check_component_tensors(component: str, tensors: dict[str, torch.Tensor], config: GraloraConfig, source: str):
+    """Every adapted module has A and B with shapes that agree with each other and with the config."""
+    k, r, hybrid_r = config.gralora_k, config.r, config.hybrid_r
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, param = split_param_key(key)
+        by_module.setdefault(module, {})[param] = tensor
+    for module, params in by_module.items():
+        where = f"{source}: {component}.{module}"
+        if "gralora_A" not in params or "gralora_B" not in params:
+            raise AdapterFileError(f"{where} lacks gralora_A or gralora_B; the file is incomplete.")
+        a, b = params["gralora_A"], params["gralora_B"]
+        if a.ndim != 3 or b.ndim != 3 or a.shape[0] != k or b.shape[0] != k or a.shape[2] != r or b.shape[1] != r:
+            raise AdapterFileError(
+                f"{where} has gralora_A {tuple(a.shape)} and gralora_B {tuple(b.shape)}, which do not match the "
+                f"recorded config (k={k}, r={r}); the file is inconsistent."
+            )
+        has_general = "gralora_A_general.weight" in params and "gralora_B_general.weight" in params
+        if (hybrid_r > 0) != has_general:
+            raise AdapterFileError(
+                f"{where}: the config says hybrid_r={hybrid_r} but the hybrid tensors are "
+                f"{'present' if has_general else 'missing'}; the file is inconsistent."
+            )
+        if has_general:
+            ga, gb = params["gralora_A_general.weight"], params["gralora_B_general.weight"]
+            in_f, out_f = a.shape[0] * a.shape[1], b.shape[0] * b.shape[2]
+            if tuple(ga.shape) != (hybrid_r, in_f) or tuple(gb.shape) != (out_f, hybrid_r):
+                raise AdapterFileError(f"{where} has hybrid tensors of the wrong shape; the file is inconsistent.")
+
+
+def adapter_from_tensors(
+    tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "<state dict>"
+) -> AdapterFile:
+    """Validate a flat ``<component>.<peft key>`` tensor dict (+ header metadata) and split it by component."""
+    header = dict(header or {})
+    if not tensors:
+        raise AdapterFileError(f"{source} holds no tensors; it is not a GraLoRA adapter.")
+    keys = list(tensors)
+    if not any(".gralora_" in key for key in keys):
+        why = _describe_non_gralora(keys) or "holds no GraLoRA tensors (names with '.gralora_A' / '.gralora_B')"
+        raise AdapterFileError(f"{source} {why}.")
+    if header.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise AdapterFileError(f"{source} is a {header['format']!r} file, not a {FORMAT_NAME} adapter.")
+    version = header.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{source} has adapter format version {version}, this gralora-diffusion reads version "
+            f"{FORMAT_VERSION}; upgrade gralora-diffusion."
+        )
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS or not rest:
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} does not start with a pipeline component ({', '.join(COMPONENTS)})."
+            )
+        split_param_key(rest)
+        state_dicts.setdefault(component, {})[rest] = tensor
+    try:
+        saved_configs = json.loads(header["gralora_config"]) if "gralora_config" in header else {}
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{source}: the gralora_config metadata is not valid JSON ({err}).") from None
+    configs = {}
+    for component, sd in state_dicts.items():
+        if component in saved_configs:
+            configs[component] = config_from_dict(saved_configs[component])
+        else:
+            configs[component] = infer_config(sd, component)
+        _check_component_tensors(component, sd, configs[component], source)
+    metadata = {k: v for k, v in header.items() if k not in ("format", "format_version", "gralora_config")}
+    return AdapterFile(state_dicts=state_dicts, configs=configs, metadata=metadata, source=source)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"{path} is a pickle file; gralora-diffusion reads only .safetensors (pickle can run code). "
+            "Convert it to safetensors first."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file (truncated or another format): {err}"
+        ) from None
+    return tensors, header
+
+
+def _read_peft_folder(folder: Path, component: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """One standard PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise AdapterFileError(
+                f"{folder} holds adapter_model.bin (pickle); only adapter_model.safetensors is read. "
+                "Re-save the adapter with safe_serialization=True."
+            )
+        raise AdapterFileError(f"{folder} has no {PEFT_WEIGHTS_NAME}; it is not a PEFT adapter folder.")
+    config_path = folder / PEFT_CONFIG_NAME
+    if not config_path.exists():
+        raise AdapterFileError(f"{folder} has no {PEFT_CONFIG_NAME}; it is not a PEFT adapter folder.")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "GRALORA":
+        raise AdapterFileError(
+            f"{folder} is a PEFT {config.get('peft_type')} adapter, not GraLoRA"
+            + ("; load it with pipe.load_lora_weights(...) instead." if config.get("peft_type") == "LORA" else ".")
+        )
+    tensors, _ = _read_safetensors(weights)
+    prefixed = {}
+    for key, tensor in tensors.items():
+        bare = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+        prefixed[f"{component}.{bare}"] = tensor
+    return prefixed, config
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and validate a GraLoRA adapter from a ``.safetensors`` file or a PEFT folder.
+
+    A folder is either one PEFT adapter folder (taken as the UNet's adapter) or a folder with one PEFT adapter
+    folder per component (``unet/``, ``text_encoder/``, ``text_encoder_2/``), as ``export_peft_folder`` writes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFileError(f"Adapter {path} does not exist; check the path.")
+    if path.is_file():
+        tensors, header = _read_safetensors(path)
+        return adapter_from_tensors(tensors, header, source=str(path))
+    subfolders = [c for c in COMPONENTS if (path / c / PEFT_CONFIG_NAME).exists()]
+    folders = {c: path / c for c in subfolders} or {"unet": path}
+    tensors, configs = {}, {}
+    for component, folder in folders.items():
+        t, config = _read_peft_folder(folder, component)
+        tensors.update(t)
+        configs[component] = config
+    header = {"gralora_config": json.dumps(configs)}
+    base = next((c.get("base_model_name_or_path") for c in configs.values() if c.get("base_model_name_or_path")), "")
+    if base:
+        header["base_model"] = base
+    return adapter_from_tensors(tensors, header, source=str(path))
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary name beside ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
+    """Write ``adapter`` as one ``.safetensors`` file, atomically (temporary name, then rename)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise AdapterFileError(f"Adapter files end in .safetensors; got {path.name}.")
+    clash = [k for k in adapter.metadata if k in ("format", "format_version", "gralora_config")]
+    if clash:
+        raise AdapterFileError(f"Metadata keys {clash} are reserved by the file format; rename them.")
+    bad = {k: type(v).__name__ for k, v in adapter.metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise AdapterFileError(f"Metadata values must be strings; convert {bad} with str() or json.dumps().")
+    tensors = {
+        f"{component}.{key}": tensor.detach().to("cpu").contiguous()
+        for component, sd in adapter.state_dicts.items()
+        for key, tensor in sd.items()
+    }
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "gralora_config": json.dumps({c: config_to_dict(cfg) for c, cfg in adapter.configs.items()}),
+        "base_model": adapter.base_model,
+        **adapter.metadata,
+    }
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return path
+
+
+def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Write each component as a standard PEFT adapter folder (``directory/<component>/``).
+
+    ``peft.PeftModel.from_pretrained(pipe.unet, directory / "unet")`` loads the UNet part with plain PEFT.
+    The whole folder is built under a temporary name and renamed into place, so it is never half-written.
+    """
+    if not isinstance(adapter, AdapterFile):
+        adapter = read_adapter(adapter)
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for component, sd in adapter.state_dicts.items():
+            folder = tmp / component
+            folder.mkdir()
+            config = config_from_dict(config_to_dict(adapter.configs[component]))
+            config.base_model_name_or_path = adapter.base_model or None
+            config.inference_mode = True
+            config.save_pretrained(str(folder))
+            tensors = {_PEFT_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in sd.items()}
+            save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

@@ -1,0 +1,238 @@
+"""An offline, tiny Stable Diffusion XL pipeline built from configuration.
+
+Real SDXL weights cannot be downloaded everywhere (tests, CI, a laptop on a train). This module builds a pipeline
+with exactly the classes of the real model -- ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``,
+``CLIPTextModel`` + ``CLIPTextModelWithProjection``, ``AutoencoderKL``, ``EulerDiscreteScheduler`` and two
+``CLIPTokenizer``s -- but a few hundred thousand parameters, so every code path that runs on SDXL runs here in
+milliseconds. The same seed always gives the same weights. All widths are multiples of 4 so GraLoRA with k = 2 or
+k = 4 fits every targeted layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+TOY_BASE_MODEL_ID = "gralora-diffusion/toy-sdxl"
+TOY_SD15_MODEL_ID = "gralora-diffusion/toy-sd15"
+
+# Words the toy tokenizers know as whole tokens; anything else is spelled out byte by byte, as in real CLIP.
+_TOY_WORDS = (
+    "a photo of sks dog cat shape red green blue yellow white black orange purple circle square triangle "
+    "star cross ring heart diamond on in the with background painting watercolor style portrait landscape "
+    "high quality blurry low"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_toy_tokenizer_files(directory: str | os.PathLike) -> Path:
+    """Write a small CLIP BPE vocabulary (``vocab.json`` + ``merges.txt``) into ``directory``.
+
+    Every byte is in the vocabulary (so any prompt tokenizes), and each word of a short list is merged into one token.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in _TOY_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merge = f"{symbols[0]} {symbols[1]}"
+            merged = symbols[0] + symbols[1]
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(merged, len(vocab))
+            symbols = [merged] + symbols[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+def _toy_tokenizer(pad_token: str):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_toy_tokenizer_files(tmp)
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
+
+
+def _text_encoder_config(vocab_size: int, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32 if projection else 512,
+        hidden_act="gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=1,
+    )
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 3)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SDXL's scheduler settings.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def _tokenizers_and_vocab():
+    tokenizer = _toy_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = _toy_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+    return tokenizer, tokenizer_2, len(tokenizer.get_vocab())
+
+
+def build_toy_sdxl_pipeline(seed: int = 0):
+    """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2, vocab_size = _tokenizers_and_vocab()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embedding + 6 time ids
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, projection=False))
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_toy_sd15_pipeline(seed: int = 0):
+    """Return a tiny ``StableDiffusionPipeline`` (one text encoder), for code that must work beyond SDXL."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer, _, vocab_size = _tokenizers_and_vocab()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, projection=False))
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_toy_sdxl_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the toy SDXL pipeline and save it with ``save_pretrained`` (safetensors) into ``directory``.
+
+    ``StableDiffusionXLPipeline.from_pretrained(directory)`` then loads it with no network.
+    """
+    directory = Path(directory)
+    pipe = build_toy_sdxl_pipeline(seed)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "toy_base.json").write_text(json.dumps({"model_id": TOY_BASE_MODEL_ID, "seed": seed}))
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def toy_sdxl_base_dir(seed: int = 0) -> Path:
+    """The saved toy SDXL base for ``seed``, built once into the user's cache directory and reused."""
+    cache = Path(os.environ.get("GRALORA_DIFFUSION_CACHE", Path.home() / ".cache" / "gralora_diffusion"))
+    directory = cache / f"toy-sdxl-seed{seed}"
+    if not (directory / "model_index.json").exists():
+        save_toy_sdxl_pipeline(directory, seed)
+    return directory
