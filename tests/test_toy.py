@@ -1,0 +1,45 @@
+"""The offline toy SDXL base: real classes, deterministic, loadable with from_pretrained and no network."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from gralora_diffusion.toy import build_toy_sdxl_pipeline, save_toy_sdxl_pipeline
+
+
+def test_real_sdxl_classes():
+    pipe = build_toy_sdxl_pipeline(0)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and pipe.unet.config.addition_embed_type == "text_time"
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and isinstance(pipe.tokenizer_2, CLIPTokenizer)
+    ids = pipe.tokenizer("a photo of sks dog").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert len(ids) == 2 + 5  # every word of the prompt is one token
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    a, b, c = build_toy_sdxl_pipeline(0), build_toy_sdxl_pipeline(0), build_toy_sdxl_pipeline(1)
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        sa, sb, sc = (getattr(p, name).state_dict() for p in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point() and sa[k].numel() > 1)
+
+
+def test_saved_base_loads_with_from_pretrained_and_generates_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    directory = save_toy_sdxl_pipeline(tmp_path / "toy", seed=0)
+    loaded = StableDiffusionXLPipeline.from_pretrained(directory)
+    loaded.set_progress_bar_config(disable=True)
+    built = build_toy_sdxl_pipeline(0)
+
+    def image(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=g, output_type="pt").images
+
+    out = image(loaded)
+    assert out.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(out, image(built), atol=1e-5, rtol=0)
