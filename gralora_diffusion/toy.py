@@ -236,3 +236,41 @@ def toy_sdxl_base_dir(seed: int = 0) -> Path:
     if not (directory / "model_index.json").exists():
         save_toy_sdxl_pipeline(directory, seed)
     return directory
+
+
+def save_random_toy_adapter(
+    path: str | os.PathLike,
+    seed: int,
+    *,
+    rank: int = 8,
+    gralora_k: int | None = None,
+    hybrid_r: int = 0,
+    unet_targets: str = "unet-attention",
+    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2"),
+    pipeline_builder=build_toy_sdxl_pipeline,
+    b_scale: float = 0.05,
+    metadata: dict | None = None,
+) -> Path:
+    """An untrained GraLoRA adapter for the toy base with random A and B, saved in the package's file format.
+
+    Stands in for a trained adapter wherever only the plumbing matters (tests, the demo before training): both
+    factors are random (PEFT's ``init_weights=False``) and B is scaled by ``b_scale`` so the change is visible but
+    sane.
+    """
+    from .adapters import add_gralora_adapter, save_gralora_weights
+    from .config import make_gralora_config
+
+    pipe = pipeline_builder(0)
+    torch.manual_seed(seed)
+    models = {"unet": (pipe.unet, unet_targets)}
+    models.update({name: (getattr(pipe, name), "text-encoder-attention") for name in text_encoders})
+    for component, (model, targets) in models.items():
+        config = make_gralora_config(rank, targets, gralora_k=gralora_k, hybrid_r=hybrid_r, init_weights=False)
+        add_gralora_adapter(model, config, component=component)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "gralora_B" in name:
+                    param.mul_(b_scale)
+    base = TOY_SD15_MODEL_ID if pipeline_builder is build_toy_sd15_pipeline else TOY_BASE_MODEL_ID
+    meta = {"base_model": base, **(metadata or {})}
+    return save_gralora_weights(path, metadata=meta, **{c: m for c, (m, _) in models.items()})

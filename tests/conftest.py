@@ -14,7 +14,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 import gralora_diffusion as gd  # noqa: E402
-from gralora_diffusion.toy import build_toy_sd15_pipeline, build_toy_sdxl_pipeline  # noqa: E402
+from gralora_diffusion.toy import (  # noqa: E402
+    build_toy_sd15_pipeline,
+    build_toy_sdxl_pipeline,
+    save_random_toy_adapter,
+)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -30,47 +34,16 @@ def sd15():
     return build_toy_sd15_pipeline(0)
 
 
-def make_adapter_file(
-    path: Path,
-    seed: int,
-    *,
-    rank: int = 8,
-    k: int | None = None,
-    hybrid_r: int = 0,
-    unet_targets: str = "unet-attention",
-    text_encoders: tuple[str, ...] = TEXT_ENCODERS,
-    pipeline_builder=build_toy_sdxl_pipeline,
-    metadata: dict | None = None,
-) -> Path:
-    """Train-free adapter: random A and B (``init_weights=False``) on a fresh toy pipeline, saved with our format."""
-    pipe = pipeline_builder(0)
-    torch.manual_seed(seed)
-    gd.add_gralora_adapter(
-        pipe.unet,
-        gd.make_gralora_config(rank, unet_targets, gralora_k=k, hybrid_r=hybrid_r, init_weights=False),
-        component="unet",
-    )
-    encoders = {}
-    for name in text_encoders:
-        model = getattr(pipe, name)
-        cfg = gd.make_gralora_config(rank, "text-encoder-attention", gralora_k=k, hybrid_r=hybrid_r, init_weights=False)
-        gd.add_gralora_adapter(model, cfg, component=name)
-        encoders[name] = model
-    # Scale B so adapters change outputs visibly but stay in a sane range.
-    with torch.no_grad():
-        for model in [pipe.unet, *encoders.values()]:
-            for name, param in model.named_parameters():
-                if "gralora_B" in name:
-                    param.mul_(0.05)
-    meta = {"base_model": "toy-sdxl", **(metadata or {})}
-    return gd.save_gralora_weights(path, unet=pipe.unet, metadata=meta, **encoders)
+def make_adapter_file(path: Path, seed: int, **kwargs) -> Path:
+    """An untrained adapter with random A and B on the toy base (see ``save_random_toy_adapter``)."""
+    return save_random_toy_adapter(path, seed, **kwargs)
 
 
 @pytest.fixture
 def adapter_files(tmp_path):
     """Two SDXL adapters: 'a' on UNet + both text encoders, 'b' on the UNet only (k=4, rank 16)."""
     a = make_adapter_file(tmp_path / "a.safetensors", seed=1)
-    b = make_adapter_file(tmp_path / "b.safetensors", seed=2, rank=16, k=4, text_encoders=())
+    b = make_adapter_file(tmp_path / "b.safetensors", seed=2, rank=16, gralora_k=4, text_encoders=())
     return a, b
 
 

@@ -184,7 +184,7 @@ def test_delete_one_adapter_keeps_the_other(sdxl, adapter_files):
 
 
 def test_hybrid_adapter_blends_like_its_explicit_delta(sdxl, tmp_path):
-    h = make_adapter_file(tmp_path / "h.safetensors", seed=5, rank=8, k=2, hybrid_r=4)
+    h = make_adapter_file(tmp_path / "h.safetensors", seed=5, rank=8, gralora_k=2, hybrid_r=4)
     gd.load_gralora_weights(sdxl, h)
     gd.set_gralora_adapters(sdxl, "h", 1.3)
     ref = explicit_pipeline([(h, {"unet": 1.3, "text_encoder": 1.3, "text_encoder_2": 1.3})])

@@ -15,7 +15,11 @@ from gralora_diffusion import io as gio
 
 def test_file_layout_uses_peft_names_and_records_configs(tmp_path):
     path = make_adapter_file(
-        tmp_path / "subject.safetensors", seed=1, rank=16, k=4, metadata={"trigger_prompt": "a photo of sks dog"}
+        tmp_path / "subject.safetensors",
+        seed=1,
+        rank=16,
+        gralora_k=4,
+        metadata={"trigger_prompt": "a photo of sks dog"},
     )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -23,7 +27,7 @@ def test_file_layout_uses_peft_names_and_records_configs(tmp_path):
         a = f.get_tensor("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.gralora_A")
         b = f.get_tensor("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.gralora_B")
     assert meta["format"] == "gralora-diffusion" and meta["format_version"] == "1"
-    assert meta["base_model"] == "toy-sdxl" and meta["trigger_prompt"] == "a photo of sks dog"
+    assert meta["base_model"] == "gralora-diffusion/toy-sdxl" and meta["trigger_prompt"] == "a photo of sks dog"
     configs = json.loads(meta["gralora_config"])
     assert set(configs) == {"unet", "text_encoder", "text_encoder_2"}
     assert configs["unet"]["r"] == 16 and configs["unet"]["gralora_k"] == 4 and configs["unet"]["alpha"] == 32
