@@ -19,15 +19,19 @@ from collections.abc import Iterator
 
 import torch
 from peft.tuners.gralora.layer import GraloraLayer
+from peft.tuners.gralora.layer import Linear as GraloraLinear
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "GraloraLayer",
+    "MemoryLeanGraloraLinear",
     "adapter_weight",
     "base_scaling",
     "gralora_layers",
     "install_lora_compatible_scaling",
     "set_adapter_weight",
+    "use_memory_lean_training",
 ]
 
 
@@ -103,3 +107,62 @@ def install_lora_compatible_scaling() -> None:
     ):
         if not hasattr(GraloraLayer, name):
             setattr(GraloraLayer, name, method)
+
+
+# --- memory-lean training forward ---------------------------------------------------------------------------------
+
+
+def _routed_block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GraLoRA's block-routed product for A [k, in/k, r] and B [k, r, out/k], laid out as PEFT stores them.
+
+    Input slice j is projected by A[j] to r features; chunk c (r/k wide) of that projection feeds output slice c,
+    whose B[c] reads the k chunks (one per input slice) stacked. Used only inside the recomputing training forward.
+    """
+    k, in_k, r = a.shape
+    lead = x.shape[:-1]
+    h = torch.einsum("...ji,jir->...jr", x.reshape(*lead, k, in_k), a)
+    h = h.reshape(*lead, k, k, r // k).transpose(-3, -2).reshape(*lead, k, r)
+    return torch.einsum("...cr,cro->...co", h, b).reshape(*lead, k * b.shape[-1])
+
+
+class MemoryLeanGraloraLinear(GraloraLinear):
+    """PEFT's GraLoRA ``Linear`` whose training forward recomputes the k*r-wide intermediate during backward.
+
+    GraLoRA's intermediate activation is k times LoRA's (k*r per token instead of r); saving it for backward costs
+    activation memory that LoRA does not pay. Under autograd this layer stores only the adapter input (already kept
+    by the frozen base layer) and recomputes the intermediate in backward (``torch.utils.checkpoint``). Parameters,
+    state dict, merging and inference are PEFT's own; only the gradient-recording forward differs.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged or not torch.is_grad_enabled():
+            return super().forward(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.gralora_A:
+                continue
+            a, b = self.gralora_A[name], self.gralora_B[name]
+            dropout, scaling = self.gralora_dropout[name], self.scaling[name]
+            x_in = dropout(x.to(a.dtype))
+            delta = checkpoint(_routed_block_delta, x_in, a, b, use_reentrant=False)
+            result = result + scaling * delta.to(result.dtype)
+            if self.hybrid_r[name] > 0:
+                hybrid = self.gralora_B_general[name](self.gralora_A_general[name](x_in))
+                result = result + scaling * hybrid.to(result.dtype)
+        return result.to(previous_dtype)
+
+
+def use_memory_lean_training(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every GraLoRA linear layer of ``model`` to (or back from) the recomputing training forward.
+
+    The layer keeps its identity as a PEFT GraLoRA layer (same parameters and state dict); returns how many layers
+    were switched.
+    """
+    target = MemoryLeanGraloraLinear if enabled else GraloraLinear
+    count = 0
+    for _, layer in gralora_layers(model):
+        if type(layer) in (GraloraLinear, MemoryLeanGraloraLinear) and type(layer) is not target:
+            layer.__class__ = target
+            count += 1
+    return count

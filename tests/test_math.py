@@ -17,6 +17,9 @@ class TwoLinear(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_in, d_out)
 
+    def forward(self, x):
+        return self.proj(x)
+
 
 def gralora_layer(rank=8, k=4, hybrid_r=0, seed=0, d_in=64, d_out=96):
     torch.manual_seed(seed)
@@ -128,3 +131,35 @@ def test_weight_scales_the_delta_linearly():
     torch.testing.assert_close(layer(x).detach(), base + 0.3 * delta, atol=1e-5, rtol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer.get_base_layer()(x).detach(), base, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,hybrid_r,shape", [(2, 0, (3, 5, 64)), (4, 0, (7, 64)), (4, 4, (2, 3, 64))])
+def test_memory_lean_training_forward_matches_peft(k, hybrid_r, shape):
+    """Same outputs and gradients as PEFT's forward, with less saved for backward."""
+    from gralora_diffusion.layers import MemoryLeanGraloraLinear, use_memory_lean_training
+
+    results = []
+    for lean in (False, True):
+        model, layer = gralora_layer(rank=16, k=k, hybrid_r=hybrid_r, seed=3)
+        gd.layers.set_adapter_weight(layer, "default", 0.7)
+        if lean:
+            assert use_memory_lean_training(model) == 1
+            assert isinstance(model.proj, MemoryLeanGraloraLinear) and isinstance(model.proj, gd.layers.GraloraLayer)
+        torch.manual_seed(9)
+        x = torch.randn(*shape, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t
+        ):
+            y = model(x)
+        y.pow(2).sum().backward()
+        grads = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+        results.append((y.detach(), x.grad.clone(), grads, sum(saved)))
+    (y0, gx0, g0, saved0), (y1, gx1, g1, saved1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert saved1 < saved0
+    use_memory_lean_training(model, enabled=False)
+    assert type(model.proj) is not MemoryLeanGraloraLinear
