@@ -1,0 +1,146 @@
+"""Command-line flags of the DreamBooth trainer: diffusers' names and defaults, plus GraLoRA and kohya extras.
+
+A user of diffusers' ``train_dreambooth_lora_sdxl.py`` keeps their command line; ``--rank`` is the GraLoRA rank.
+``check_args`` validates everything that can be checked before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import GraloraConfigError, make_gralora_config
+from .checkpoint import resolve_resume
+from .data import TrainingDataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="DreamBooth training of a GraLoRA adapter for Stable Diffusion XL (UNet and optionally both "
+        "text encoders). Flags follow diffusers' train_dreambooth_lora_sdxl.py."
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL folder or hub id; 'toy' = offline toy")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a better VAE (e.g. the fp16-fix VAE)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", default=None, help="folder of instance images (+ .txt / metadata.jsonl)")
+    g.add_argument("--dataset_name", default=None, help="a `datasets` dataset instead of a folder")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default=None)
+    g.add_argument("--repeats", type=int, default=1, help="how many times each image is seen per epoch")
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", action="store_true", help="center crop instead of random crop")
+    g.add_argument("--random_flip", action="store_true", help="random horizontal flips, redrawn every epoch")
+    g.add_argument(
+        "--image_interpolation_mode", default="lanczos", choices=["lanczos", "bilinear", "bicubic", "nearest"]
+    )
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing (kohya)")
+    g.add_argument("--min_bucket_reso", type=int, default=None)
+    g.add_argument("--max_bucket_reso", type=int, default=None)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--no_upscale", action="store_true", help="refuse images smaller than their training size")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="share of captions replaced by ''")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="accepted for compatibility; unused")
+
+    g = p.add_argument_group("dreambooth")
+    g.add_argument("--instance_prompt", required=True, help="trigger prompt, e.g. 'a photo of sks dog'")
+    g.add_argument("--class_prompt", default=None)
+    g.add_argument("--class_data_dir", default=None)
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--sample_batch_size", type=int, default=4)
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
+    g.add_argument("--class_inference_steps", type=int, default=25)
+
+    g = p.add_argument_group("gralora")
+    g.add_argument("--rank", type=int, default=4, help="GraLoRA rank r (parameters as a LoRA of rank r)")
+    g.add_argument("--gralora_k", type=int, default=None, help="k x k blocks; default 2 for r <= 32, 4 for r >= 64")
+    g.add_argument("--hybrid_r", type=int, default=0, help="rank of an extra shared LoRA (added on top of r)")
+    g.add_argument("--alpha", type=float, default=None, help="scale numerator; default 2 * rank")
+    g.add_argument("--lora_dropout", "--gralora_dropout", dest="gralora_dropout", type=float, default=0.0)
+    g.add_argument("--unet_target", default="attention", choices=["attention", "wide"])
+    g.add_argument("--train_text_encoder", action="store_true")
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6)
+    g.add_argument(
+        "--no_gralora_recompute",
+        action="store_true",
+        help="keep GraLoRA's k*r-wide intermediate for backward (more memory, slightly faster)",
+    )
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=4)
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is common)")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", default=None, help="one or several prompts separated by '|'")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (overrides epochs)")
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="gralora-dreambooth-model")
+    g.add_argument("--output_name", default=None, help="adapter file name (default: the output folder's name)")
+    g.add_argument("--overwrite_output_dir", action="store_true")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--logging_dir", default="logs")
+    return p
+
+
+def adapter_path(args) -> Path:
+    out = Path(args.output_dir)
+    return out / f"{args.output_name or out.resolve().name}.safetensors"
+
+
+def check_args(args) -> None:
+    """Everything that can be wrong before a model is loaded; raises ``TrainingDataError`` with one sentence."""
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        raise TrainingDataError("Give exactly one of --instance_data_dir and --dataset_name.")
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        raise TrainingDataError(f"--instance_data_dir {args.instance_data_dir} does not exist or is not a folder.")
+    if args.with_prior_preservation and (not args.class_prompt or not args.class_data_dir):
+        raise TrainingDataError("--with_prior_preservation needs --class_prompt and --class_data_dir.")
+    if args.resolution % 8:
+        raise TrainingDataError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise TrainingDataError("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    try:
+        make_gralora_config(args.rank, ["to_q"], gralora_k=args.gralora_k, hybrid_r=args.hybrid_r)
+    except GraloraConfigError as err:
+        raise TrainingDataError(str(err)) from None
+    if adapter_path(args).exists() and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise TrainingDataError(
+            f"{adapter_path(args)} already holds a finished adapter; pass --overwrite_output_dir or choose "
+            "another --output_dir."
+        )
+    resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises for a path that is not a checkpoint

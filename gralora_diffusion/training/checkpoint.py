@@ -1,0 +1,140 @@
+"""Training checkpoints that are never half-written, and that hold no pickle.
+
+A checkpoint is a folder ``checkpoint-<step>`` with the adapter (``adapter.safetensors``, the package's file format),
+the optimizer state (``optimizer.safetensors`` + ``optimizer.json``) and ``state.json`` (step, epoch, position in
+the epoch, learning-rate schedule, loss scaler). It is assembled under a hidden temporary name and renamed into
+place in one step, so killing the process at any moment leaves either a complete checkpoint or none; stray
+temporary folders are ignored by ``latest_checkpoint`` and removed by ``prune_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_NAME = "state.json"
+ADAPTER_NAME = "adapter.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for resuming."""
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of ``optimizer_to_files``: a state dict ``Optimizer.load_state_dict`` accepts."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in rest["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    write_adapter,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically. ``write_adapter(path)`` saves the adapter file at ``path``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=output_dir))
+    try:
+        write_adapter(tmp / ADAPTER_NAME)
+        tensors, rest = optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(rest))
+        (tmp / STATE_NAME).write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / STATE_NAME).exists() and (path / ADAPTER_NAME).exists():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``--resume_from_checkpoint``: a path, a ``checkpoint-N`` name inside ``output_dir``, or ``latest``."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)  # none yet: start from scratch, as diffusers does
+    path = Path(resume)
+    if not path.exists():
+        path = Path(output_dir) / resume
+    if not (path / STATE_NAME).exists() or not (path / ADAPTER_NAME).exists():
+        raise CheckpointError(
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint folder "
+            f"(no {STATE_NAME} / {ADAPTER_NAME}); "
+            "use 'latest' or a checkpoint-N folder of the output directory."
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state.json contents, optimizer state dict) of a checkpoint; the adapter is read with ``read_adapter``."""
+    path = Path(path)
+    state = json.loads((path / STATE_NAME).read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    rest = json.loads((path / "optimizer.json").read_text())
+    return state, optimizer_from_files(tensors, rest)
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``keep`` (and stray temporary folders); return what was deleted."""
+    output_dir = Path(output_dir)
+    removed = []
+    for stray in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(stray, ignore_errors=True)
+    if keep is None or keep <= 0:
+        return removed
+    complete = list_checkpoints(output_dir)
+    for path in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed

@@ -1,0 +1,486 @@
+"""DreamBooth training of a GraLoRA adapter for SDXL: the driver behind train_scripts/train_dreambooth_gralora_sdxl.py.
+
+    accelerate launch train_scripts/train_dreambooth_gralora_sdxl.py --pretrained_model_name_or_path=... \
+        --instance_data_dir=dog --instance_prompt="a photo of sks dog" --output_dir=sks-dog --rank=32
+
+Read top to bottom: set-up (flags checked before any model loads), models and adapters, data, the loop, the output.
+Data, loss, latents, checkpoints and generation are small tested modules beside this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import adapters as api
+from ..config import make_gralora_config
+from ..layers import gralora_layers, use_memory_lean_training
+from . import checkpoint as ckpt
+from .args import adapter_path, build_parser, check_args
+from .data import (
+    DreamBoothDataset,
+    TrainingDataError,
+    collate,
+    epoch_batches,
+    iterate_epoch,
+    read_hf_dataset,
+    read_image_folder,
+    shard_batches,
+)
+from .generation import ensure_class_images, generate_validation_images
+from .latents import LatentEncoder
+from .loss import diffusion_loss, sample_noise, training_target
+from .model_card import write_model_card
+from .text import PromptCache, encode_prompts
+
+logger = logging.getLogger("gralora_diffusion.train")
+INTERPOLATION = {"lanczos": 1, "bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image resampling codes
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A seed for one micro-step that depends only on the run seed and the step's position (resume-exact)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()[:8], "little") >> 1
+
+
+def load_models(args, weight_dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    base = args.pretrained_model_name_or_path
+    kw = {"revision": args.revision}
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **kw),
+        CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", variant=args.variant, **kw),
+    ]
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    else:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
+    for model in [unet, vae, *text_encoders]:
+        model.requires_grad_(False)
+    # SDXL's VAE overflows in fp16 (black images): keep it in fp32 unless a fixed VAE was given.
+    vae.to(dtype=torch.float32 if not args.pretrained_vae_model_name_or_path else weight_dtype)
+    unet.to(dtype=weight_dtype)
+    for encoder in text_encoders:
+        encoder.to(dtype=weight_dtype)
+    return tokenizers, text_encoders, vae, unet, noise_scheduler
+
+
+def add_adapters(args, unet, text_encoders) -> dict:
+    """GraLoRA on the UNet (and both text encoders with --train_text_encoder); trainable parameters in fp32."""
+    common = {
+        "gralora_k": args.gralora_k,
+        "alpha": args.alpha,
+        "hybrid_r": args.hybrid_r,
+        "dropout": args.gralora_dropout,
+    }
+    models = {"unet": unet}
+    unet_config = make_gralora_config(args.rank, f"unet-{args.unet_target}", **common)
+    api.add_gralora_adapter(unet, unet_config, component="unet")
+    if args.train_text_encoder:
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
+            api.add_gralora_adapter(
+                encoder, make_gralora_config(args.rank, "text-encoder-attention", **common), component=name
+            )
+            models[name] = encoder
+    for model in models.values():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        if not args.no_gralora_recompute:
+            use_memory_lean_training(model)
+    return models
+
+
+def build_pipeline(args, unet, text_encoders, tokenizers, vae, dtype):
+    """A generation pipeline sharing the training modules (for class images and validation)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        unet=unet,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        vae=vae,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=dtype,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_adapter(path: Path, models: dict, accelerator, args, steps: int) -> Path:
+    unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+    metadata = {
+        "base_model": args.pretrained_model_name_or_path,
+        "trigger_prompt": args.instance_prompt,
+        "steps": str(steps),
+        "resolution": str(args.resolution),
+        "trainer": "gralora-diffusion train_dreambooth_gralora_sdxl",
+    }
+    return api.save_gralora_weights(path, metadata=metadata, **unwrapped)
+
+
+def load_adapter_state(path: Path, models: dict, accelerator) -> None:
+    """Put a checkpoint's adapter tensors back into the (wrapped) training models."""
+    from peft import set_peft_model_state_dict
+
+    from ..io import read_adapter
+
+    adapter = read_adapter(path)
+    for name, model in models.items():
+        target = accelerator.unwrap_model(model)
+        sd = {k: v.to(torch.float32) for k, v in adapter.state_dicts[name].items()}
+        result = set_peft_model_state_dict(target, sd, adapter_name="default")
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "gralora_" in k]
+        if missing:
+            raise ckpt.CheckpointError(f"{path} does not match this run's adapter ({missing[0]}); start a new run.")
+
+
+@torch.no_grad()
+def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, weight_dtype, seed: int) -> float:
+    """Loss on every instance image at fixed noise and timesteps: comparable before and after training."""
+    losses = []
+    for index in range(len(dataset.instances)):
+        batch = collate([dataset.example(index, epoch=0)])
+        gen = torch.Generator().manual_seed(seed + index)
+        latents = encoder(batch, gen).to(accelerator.device, weight_dtype)
+        noise = sample_noise(latents, gen)
+        timesteps = torch.tensor([100 + (index * 211) % 800], device=latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        embeds, pooled = prompt_fn(batch["captions"])
+        cond = {"text_embeds": pooled.to(weight_dtype), "time_ids": batch["time_ids"].to(latents.device, weight_dtype)}
+        pred = unet(noisy, timesteps, embeds.to(weight_dtype), added_cond_kwargs=cond).sample
+        target = training_target(noise_scheduler, latents, noise, timesteps)
+        losses.append(torch.nn.functional.mse_loss(pred.float(), target.float()).item())
+    return sum(losses) / len(losses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.pretrained_model_name_or_path == "toy":
+        from ..toy import toy_sdxl_base_dir
+
+        args.pretrained_model_name_or_path = str(toy_sdxl_base_dir())
+    try:
+        check_args(args)
+        if args.instance_data_dir:
+            instances = read_image_folder(args.instance_data_dir, args.instance_prompt)
+        else:
+            instances = read_hf_dataset(
+                args.dataset_name, args.image_column, args.caption_column, args.instance_prompt,
+                args.dataset_config_name, args.cache_dir,
+            )  # fmt: skip
+    except (TrainingDataError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return train(args, instances)
+
+
+def train(args, instances) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            warnings.warn(
+                "--report_to tensorboard: tensorboard is not installed; logging to the console only.", stacklevel=2
+            )
+            report_to = None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- models and adapters ---
+    tokenizers, text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype)
+    for model in [unet, vae, *text_encoders]:
+        model.to(accelerator.device)
+
+    # --- prior-preservation class images (generated with the base model, before adapters exist) ---
+    class_records = None
+    if args.with_prior_preservation:
+        if accelerator.is_main_process:
+            precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                args.prior_generation_precision, weight_dtype
+            )
+            pipe = build_pipeline(args, unet, text_encoders, tokenizers, vae, precision)
+            ensure_class_images(
+                pipe, args.class_data_dir, args.class_prompt, args.num_class_images, seed=args.seed,
+                resolution=args.resolution, batch_size=args.sample_batch_size,
+                num_inference_steps=args.class_inference_steps, log=logger.info,
+            )  # fmt: skip
+            del pipe
+        accelerator.wait_for_everyone()
+        class_records = read_image_folder(args.class_data_dir, args.class_prompt, is_class=True)
+
+    torch.manual_seed(args.seed)  # the adapters' random init (A) is part of the run's reproducibility
+    models = add_adapters(args, unet, text_encoders)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable()
+
+    # --- data ---
+    dataset = DreamBoothDataset(
+        instances, resolution=args.resolution, seed=args.seed, repeats=args.repeats, center_crop=args.center_crop,
+        random_flip=args.random_flip, caption_dropout_rate=args.caption_dropout_rate, enable_bucket=args.enable_bucket,
+        bucket_reso_steps=args.bucket_reso_steps, min_bucket_reso=args.min_bucket_reso,
+        max_bucket_reso=args.max_bucket_reso, no_upscale=args.no_upscale, class_images=class_records,
+        interpolation=INTERPOLATION[args.image_interpolation_mode],
+    )  # fmt: skip
+    latent_encoder = LatentEncoder(vae, cache=args.cache_latents)
+
+    # --- optimiser and schedule ---
+    world = accelerator.num_processes
+    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+    if args.train_text_encoder:
+        te_params = [p for e in text_encoders for p in e.parameters() if p.requires_grad]
+        groups.append({"params": te_params, "lr": args.text_encoder_lr})
+    optimizer_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            optimizer_cls = bnb.optim.AdamW8bit
+        except ImportError:
+            warnings.warn("--use_8bit_adam: bitsandbytes is not installed; using torch's AdamW.", stacklevel=2)
+    optimizer = optimizer_cls(
+        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+    batches_per_epoch = len(_my_batches(dataset, args, 0, accelerator))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )  # fmt: skip
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    models = dict(zip(models, prepared[:-1]))
+    optimizer = prepared[-1]
+    unet = models["unet"]
+    if args.train_text_encoder:  # through the prepared (DDP-wrapped) encoders, so their gradients are synchronised
+        trained_encoders = [models["text_encoder"], models["text_encoder_2"]]
+
+        def prompt_fn(captions):
+            return encode_prompts(trained_encoders, tokenizers, captions)
+    else:
+        prompt_fn = PromptCache(text_encoders, tokenizers)  # frozen: each distinct prompt is encoded once
+
+    # --- resume ---
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint)
+    if resume is not None:
+        state, optimizer_state = ckpt.load_checkpoint(resume)
+        load_adapter_state(resume / ckpt.ADAPTER_NAME, models, accelerator)
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        global_step, first_epoch, skip_batches = state["step"], state["epoch"], state["batches_done_in_epoch"]
+        logger.info(f"Resumed from {resume} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint to resume from; starting a new run.")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("gralora-dreambooth", config={k: v for k, v in vars(args).items() if v is not None})
+    metrics = {"losses": [], "initial_eval_loss": None, "final_eval_loss": None}
+    if global_step == 0 and accelerator.is_main_process:
+        metrics["initial_eval_loss"] = eval_loss(
+            dataset, latent_encoder, prompt_fn, unet, noise_scheduler, accelerator, weight_dtype, args.seed
+        )
+    logger.info(
+        f"{len(dataset)} examples, {batches_per_epoch} batches/epoch/process, {world} processes, "
+        f"{max_steps} steps, {num_epochs} epochs"
+    )
+
+    # --- the loop ---
+    progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    accum = args.gradient_accumulation_steps
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    validation_prompts = [p.strip() for p in (args.validation_prompt or "").split("|") if p.strip()]
+    for epoch in range(first_epoch, num_epochs):
+        for model in models.values():
+            model.train()
+        batches = _my_batches(dataset, args, epoch, accelerator)
+        skip = skip_batches if epoch == first_epoch else 0
+        for micro, batch in enumerate(iterate_epoch(dataset, batches, epoch, args.with_prior_preservation, skip), skip):
+            seed = step_seed(args.seed, epoch, micro, accelerator.process_index)
+            torch.manual_seed(seed)  # adapter dropout and anything else drawing from the global generator
+            gen = torch.Generator().manual_seed(seed)
+            latents = latent_encoder(batch, gen).to(accelerator.device, weight_dtype)
+            noise = sample_noise(latents, gen, args.noise_offset)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+            timesteps = timesteps.to(latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            embeds, pooled = prompt_fn(batch["captions"])
+            cond = {
+                "text_embeds": pooled.to(accelerator.device, weight_dtype),
+                "time_ids": batch["time_ids"].to(accelerator.device, weight_dtype),
+            }
+            sync = (micro + 1) % accum == 0 or micro + 1 == len(batches)
+            no_sync = contextlib.ExitStack()
+            if not sync:
+                for model in models.values():
+                    no_sync.enter_context(accelerator.no_sync(model))
+            with no_sync, accelerator.autocast():
+                pred = unet(
+                    noisy, timesteps, embeds.to(accelerator.device, weight_dtype), added_cond_kwargs=cond
+                ).sample
+                loss, parts = diffusion_loss(
+                    pred, training_target(noise_scheduler, latents, noise, timesteps), timesteps,
+                    torch.tensor(batch["is_class"], device=pred.device), alphas_cumprod=alphas_cumprod,
+                    prediction_type=noise_scheduler.config.prediction_type, snr_gamma=args.snr_gamma,
+                    prior_loss_weight=args.prior_loss_weight,
+                )  # fmt: skip
+                accelerator.backward(loss / accum)
+            if not sync:
+                continue
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm
+                )
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **parts}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            metrics["losses"].append(logs["loss"])
+
+            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                position = {"epoch": epoch, "batches_done_in_epoch": micro + 1}
+                if micro + 1 == len(batches):
+                    position = {"epoch": epoch + 1, "batches_done_in_epoch": 0}
+                state = {
+                    **position,
+                    "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                }
+                path = ckpt.save_checkpoint(
+                    out,
+                    global_step,
+                    lambda p, step=global_step: save_adapter(p, models, accelerator, args, step),
+                    optimizer,
+                    state,
+                )
+                removed = ckpt.prune_checkpoints(out, args.checkpoints_total_limit)
+                logger.info(f"Saved {path}" + (f", removed {[p.name for p in removed]}" if removed else ""))
+            if (
+                validation_prompts
+                and accelerator.is_main_process
+                and _validate_now(args, global_step, epoch, micro, batches)
+            ):
+                _validate(args, validation_prompts, models, text_encoders, tokenizers, vae, accelerator, global_step)
+            if global_step >= max_steps:
+                break
+        if global_step >= max_steps:
+            break
+
+    # --- output ---
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for model in models.values():
+            model.eval()
+        metrics["final_eval_loss"] = eval_loss(
+            dataset, latent_encoder, prompt_fn, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
+            weight_dtype, args.seed,
+        )  # fmt: skip
+        final = save_adapter(adapter_path(args), models, accelerator, args, global_step)
+        gallery = []
+        if validation_prompts:
+            gallery = _validate(
+                args, validation_prompts, models, text_encoders, tokenizers, vae, accelerator, global_step
+            )
+        unet_layer = next(layer for _, layer in gralora_layers(accelerator.unwrap_model(unet)))
+        write_model_card(
+            out, adapter_file=final.name, base_model=args.pretrained_model_name_or_path,
+            instance_prompt=args.instance_prompt, rank=args.rank, gralora_k=unet_layer.gralora_k["default"],
+            alpha=unet_layer.alpha["default"], hybrid_r=args.hybrid_r, steps=global_step,
+            train_text_encoder=args.train_text_encoder, unet_target=args.unet_target,
+            learning_rate=args.learning_rate, resolution=args.resolution,
+            validation_images=[(str(p.relative_to(out)), prompt) for p, prompt in gallery],
+        )  # fmt: skip
+        metrics.update({"steps": global_step, "latents_encoded": latent_encoder.encoded, "adapter": str(final)})
+        tmp = out / "train_metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out / "train_metrics.json")
+        logger.info(f"Saved the adapter to {final}")
+    accelerator.end_training()
+    return 0
+
+
+def _my_batches(dataset, args, epoch: int, accelerator) -> list[list[int]]:
+    batches = epoch_batches(dataset, args.train_batch_size, epoch, args.seed)
+    return shard_batches(batches, accelerator.process_index, accelerator.num_processes)
+
+
+def _validate_now(args, step: int, epoch: int, micro: int, batches) -> bool:
+    """Every --validation_steps steps, else at the end of every --validation_epochs-th epoch."""
+    if args.validation_steps:
+        return step % args.validation_steps == 0
+    return micro + 1 == len(batches) and (epoch + 1) % args.validation_epochs == 0
+
+
+def _validate(args, prompts, models, text_encoders, tokenizers, vae, accelerator, step: int):
+    unet = accelerator.unwrap_model(models["unet"])
+    encoders = [
+        accelerator.unwrap_model(models.get(n, e)) for n, e in zip(("text_encoder", "text_encoder_2"), text_encoders)
+    ]
+    was_training = unet.training
+    unet.eval()
+    pipe = build_pipeline(args, unet, encoders, tokenizers, vae, unet.dtype)
+    saved = generate_validation_images(
+        pipe, prompts, args.num_validation_images, seed=args.seed, resolution=args.resolution,
+        out_dir=Path(args.output_dir) / "validation" / f"step-{step}",
+        num_inference_steps=args.validation_inference_steps,
+    )  # fmt: skip
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            images = np.stack([np.asarray(Image.open(p)) for p, _ in saved])
+            tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+    unet.train(was_training)
+    return saved
+
+
+def _jsonable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The model card (README.md) written next to a trained adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def model_card(
+    *,
+    adapter_file: str,
+    base_model: str,
+    instance_prompt: str,
+    rank: int,
+    gralora_k: int,
+    alpha: float,
+    hybrid_r: int,
+    steps: int,
+    train_text_encoder: bool,
+    unet_target: str,
+    learning_rate: float,
+    resolution: int,
+    validation_images: list[tuple[str, str]],
+) -> str:
+    """Markdown with YAML front matter (tags for the Hub), settings, gallery and how to load the adapter."""
+    gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in validation_images) or "(no validation images)"
+    return f"""---
+base_model: {base_model}
+tags:
+- gralora
+- text-to-image
+- stable-diffusion-xl
+- diffusers
+- dreambooth
+instance_prompt: {instance_prompt}
+---
+
+# GraLoRA DreamBooth adapter: `{Path(adapter_file).stem}`
+
+A GraLoRA (Granular Low-Rank Adaptation) adapter for `{base_model}`, trained with gralora-diffusion's DreamBooth
+trainer. Trigger prompt: **{instance_prompt}**.
+
+| setting | value |
+| --- | --- |
+| rank r | {rank} |
+| blocks k (k x k) | {gralora_k} |
+| alpha | {alpha} |
+| hybrid_r | {hybrid_r} |
+| UNet targets | {unet_target} |
+| text encoders trained | {"yes" if train_text_encoder else "no"} |
+| steps | {steps} |
+| learning rate | {learning_rate} |
+| resolution | {resolution} |
+
+## Validation images
+
+{gallery}
+
+## Use it with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+from gralora_diffusion import load_gralora_weights, set_gralora_adapters
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+load_gralora_weights(pipe, "{adapter_file}", adapter_name="subject")
+set_gralora_adapters(pipe, ["subject"], [1.0])
+image = pipe("{instance_prompt}").images[0]
+```
+
+## Use it in the app
+
+Put `{adapter_file}` in the app's adapter folder, start `gralora-app --base {base_model} --adapters <that folder>`,
+pick it in an adapter row, or write `<gralora:{Path(adapter_file).stem}:0.8>` in the prompt.
+"""
+
+
+def write_model_card(output_dir: str | Path, **fields) -> Path:
+    path = Path(output_dir) / "README.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(model_card(**fields), encoding="utf-8")
+    tmp.replace(path)
+    return path
