@@ -147,10 +147,13 @@ def test_memory_lean_training_forward_matches_peft(k, hybrid_r, shape):
             assert isinstance(model.proj, MemoryLeanGraloraLinear) and isinstance(model.proj, gd.layers.GraloraLayer)
         torch.manual_seed(9)
         x = torch.randn(*shape, requires_grad=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t
-        ):
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = model(x)
         y.pow(2).sum().backward()
         grads = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
