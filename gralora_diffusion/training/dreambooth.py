@@ -314,7 +314,7 @@ def train(args, instances) -> int:
 
     if accelerator.is_main_process:
         accelerator.init_trackers("gralora-dreambooth", config={k: v for k, v in vars(args).items() if v is not None})
-    metrics = {"losses": [], "initial_eval_loss": None, "final_eval_loss": None}
+    metrics = {"losses": [], "prior_losses": [], "initial_eval_loss": None, "final_eval_loss": None}
     if global_step == 0 and accelerator.is_main_process:
         metrics["initial_eval_loss"] = eval_loss(
             dataset, latent_encoder, prompt_fn, unet, noise_scheduler, accelerator, weight_dtype, args.seed
@@ -379,6 +379,8 @@ def train(args, instances) -> int:
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             metrics["losses"].append(logs["loss"])
+            if "prior_loss" in parts:
+                metrics["prior_losses"].append(parts["prior_loss"])
 
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                 position = {"epoch": epoch, "batches_done_in_epoch": micro + 1}
@@ -433,7 +435,14 @@ def train(args, instances) -> int:
             learning_rate=args.learning_rate, resolution=args.resolution,
             validation_images=[(str(p.relative_to(out)), prompt) for p, prompt in gallery],
         )  # fmt: skip
-        metrics.update({"steps": global_step, "latents_encoded": latent_encoder.encoded, "adapter": str(final)})
+        metrics.update(
+            {
+                "steps": global_step,
+                "num_processes": world,
+                "latents_encoded": latent_encoder.encoded,
+                "adapter": str(final),
+            }
+        )
         tmp = out / "train_metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(out / "train_metrics.json")

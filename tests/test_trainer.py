@@ -1,0 +1,228 @@
+"""The DreamBooth trainer end to end on the toy SDXL: each feature group runs for a few steps, then the adapter is
+loaded into a fresh pipeline. Runs go through the real command line (a subprocess per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import gralora_diffusion as gd
+from gralora_diffusion.toy import save_toy_sdxl_pipeline
+from gralora_diffusion.training.dreambooth import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_scripts" / "train_dreambooth_gralora_sdxl.py"
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory):
+    return save_toy_sdxl_pipeline(tmp_path_factory.mktemp("base") / "toy-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    """Four pictures of the 'subject': a red disc on white, in varied places (one wide image)."""
+    folder = tmp_path_factory.mktemp("instances")
+    for i, size in enumerate([(64, 64), (64, 64), (96, 64), (64, 64)]):
+        image = Image.new("RGB", size, (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((8 + 4 * i, 10, 48 + 4 * i, 50), fill=(220, 30, 40))
+        image.save(folder / f"subject{i}.png")
+    (folder / "subject0.txt").write_text("a photo of sks shape, close up")
+    return folder
+
+
+def train(toy_base, instance_dir, output_dir, *extra, check=True, launcher=None, env=None):
+    args = [
+        f"--pretrained_model_name_or_path={toy_base}",
+        f"--instance_data_dir={instance_dir}",
+        "--instance_prompt=a photo of sks shape",
+        f"--output_dir={output_dir}",
+        "--resolution=64",
+        "--train_batch_size=2",
+        "--rank=8",
+        "--learning_rate=5e-3",
+        "--lr_warmup_steps=0",
+        "--report_to=none",
+        *extra,
+    ]
+    command = (launcher or [sys.executable]) + [str(SCRIPT)] + args
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "train_metrics.json").read_text())
+
+
+@torch.no_grad()
+def image(pipe, prompt="a photo of sks shape"):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=g, output_type="pt").images
+
+
+def test_end_to_end_run_learns_and_saves_everything(toy_base, instance_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "sks-shape"
+    train(
+        toy_base, instance_dir, out, "--max_train_steps=12", "--random_flip", "--caption_dropout_rate=0.2",
+        "--snr_gamma=5", "--noise_offset=0.05", "--cache_latents", "--checkpointing_steps=4",
+        "--checkpoints_total_limit=2", "--validation_prompt=a photo of sks shape|a blue square",
+        "--num_validation_images=1", "--validation_steps=6", "--validation_inference_steps=2",
+    )  # fmt: skip
+    m = metrics(out)
+    assert m["steps"] == 12 and len(m["losses"]) == 12
+    assert m["final_eval_loss"] < 0.97 * m["initial_eval_loss"], m  # the training loss on the instances fell
+    assert m["latents_encoded"] <= 3 * 4 * 2 + 4  # cached: each (image, flip) variant once, plus the eval pass
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
+    for step in (6, 12):
+        assert sorted(p.name for p in (out / "validation" / f"step-{step}").iterdir()) == [
+            "prompt0-0.png",
+            "prompt1-0.png",
+        ]
+    card = (out / "README.md").read_text()
+    assert "a photo of sks shape" in card and "| rank r | 8 |" in card and "validation/step-12/prompt0-0.png" in card
+    adapter_file = out / "sks-shape.safetensors"
+    with safe_open(str(adapter_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["trigger_prompt"] == "a photo of sks shape" and meta["steps"] == "12"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(toy_base)
+    pipe.set_progress_bar_config(disable=True)
+    base_image = image(pipe)
+    assert gd.load_gralora_weights(pipe, adapter_file) == "sks-shape"
+    assert gd.get_gralora_adapters(pipe) == {"unet": ["sks-shape"]}
+    assert (image(pipe) - base_image).abs().mean() > 1e-3
+
+
+def test_text_encoders_buckets_wide_target_hybrid_bf16(toy_base, instance_dir, tmp_path):
+    out = tmp_path / "te"
+    train(
+        toy_base, instance_dir, out, "--max_train_steps=3", "--train_text_encoder", "--text_encoder_lr=1e-3",
+        "--resolution=128", "--enable_bucket", "--unet_target=wide", "--hybrid_r=4", "--gradient_checkpointing",
+        "--mixed_precision=bf16", "--output_name=te_adapter",
+    )  # fmt: skip
+    adapter = gd.read_adapter(out / "te_adapter.safetensors")
+    assert set(adapter.components) == {"unet", "text_encoder", "text_encoder_2"}
+    unet_modules = adapter.module_names("unet")
+    assert any(m.endswith("ff.net.2") for m in unet_modules) and any(m.endswith("proj_in") for m in unet_modules)
+    assert adapter.configs["unet"].hybrid_r == 4
+    for component, sd in adapter.state_dicts.items():
+        assert all(t.dtype == torch.float32 for t in sd.values()), component  # trainable params kept in fp32
+        b = [t for k, t in sd.items() if k.endswith("gralora_B")]
+        assert any(t.abs().sum() > 0 for t in b), f"{component} was not trained"
+
+
+def test_prior_preservation_generates_missing_class_images_resumably(toy_base, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), (0, 128, 0)).save(class_dir / "mine.png")  # one the user already had
+    out = tmp_path / "prior"
+    common = [
+        "--with_prior_preservation", "--class_prompt=a photo of a shape", f"--class_data_dir={class_dir}",
+        "--num_class_images=3", "--class_inference_steps=2", "--prior_loss_weight=0.5",
+    ]  # fmt: skip
+    train(toy_base, instance_dir, out, "--max_train_steps=2", *common)
+    names = sorted(p.name for p in class_dir.iterdir())
+    assert names == ["class-00000.png", "class-00001.png", "mine.png"]
+    stamps = {n: (class_dir / n).stat().st_mtime_ns for n in names}
+    assert len(metrics(out)["prior_losses"]) == 2
+    train(toy_base, instance_dir, tmp_path / "prior2", "--max_train_steps=1", *common)
+    assert {n: (class_dir / n).stat().st_mtime_ns for n in names} == stamps  # nothing regenerated
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_weights(toy_base, instance_dir, tmp_path):
+    common = [
+        "--max_train_steps=16", "--checkpointing_steps=4", "--random_flip", "--caption_dropout_rate=0.3",
+        "--lr_scheduler=cosine", "--lr_warmup_steps=3", "--gradient_accumulation_steps=2", "--noise_offset=0.1",
+    ]  # fmt: skip
+    train(toy_base, instance_dir, tmp_path / "straight", *common, "--output_name=final")
+    reference = load_file(str(tmp_path / "straight" / "final.safetensors"))
+
+    out = tmp_path / "killed"
+    args = [
+        sys.executable, str(SCRIPT), f"--pretrained_model_name_or_path={toy_base}",
+        f"--instance_data_dir={instance_dir}", "--instance_prompt=a photo of sks shape", f"--output_dir={out}",
+        "--resolution=64", "--train_batch_size=2", "--rank=8", "--learning_rate=5e-3", "--report_to=none",
+        "--output_name=final", *[a for a in common if not a.startswith("--lr_warmup")], "--lr_warmup_steps=3",
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "final.safetensors").exists(), "the run finished before it could be killed"
+    for folder in out.glob("checkpoint-*"):  # whatever exists looks complete only if it is
+        assert (folder / "state.json").exists() and (folder / "adapter.safetensors").exists()
+        gd.read_adapter(folder / "adapter.safetensors")
+
+    train(toy_base, instance_dir, out, *common, "--output_name=final", "--resume_from_checkpoint=latest")
+    resumed = load_file(str(out / "final.safetensors"))
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+        "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29571",
+    ]  # fmt: skip
+    train(
+        toy_base, instance_dir, out, "--max_train_steps=3", "--train_batch_size=1", "--checkpointing_steps=2",
+        launcher=launcher, env={"ACCELERATE_USE_CPU": "1"},
+    )  # fmt: skip
+    m = metrics(out)
+    assert m["num_processes"] == 2 and m["steps"] == 3
+    assert [p.name for p in out.glob("*.safetensors")] == ["ddp.safetensors"]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    adapter = gd.read_adapter(out / "ddp.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in adapter.state_dicts["unet"].items() if k.endswith("gralora_B"))
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--instance_data_dir=/nonexistent/folder"], "does not exist"),
+        (["--rank=6", "--gralora_k=4"], "rank 6 is not divisible by k=4"),
+        (["--resume_from_checkpoint=checkpoint-99"], "not a complete checkpoint"),
+    ],
+)
+def test_bad_input_fails_with_one_line_before_loading(toy_base, instance_dir, tmp_path, capsys, extra, match):
+    args = [
+        f"--pretrained_model_name_or_path={toy_base}", f"--instance_data_dir={instance_dir}",
+        "--instance_prompt=sks", f"--output_dir={tmp_path / 'out'}", *extra,
+    ]  # fmt: skip
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_folder_and_finished_output_are_refused(toy_base, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [f"--pretrained_model_name_or_path={toy_base}", "--instance_prompt=sks"]
+    assert train_main([*base, f"--instance_data_dir={empty}", f"--output_dir={tmp_path / 'o'}"]) == 2
+    assert "contains no images" in capsys.readouterr().err
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "done.safetensors").write_bytes(b"x")
+    Image.new("RGB", (64, 64)).save(empty / "x.png")
+    assert train_main([*base, f"--instance_data_dir={empty}", f"--output_dir={done}"]) == 2
+    assert "already holds a finished adapter; pass --overwrite_output_dir" in capsys.readouterr().err
