@@ -1,4 +1,4 @@
-"""Unit tests of the trainer's modules: images, captions, buckets, time ids, augmentation, losses, caches, checkpoints."""
+"""Unit tests of the trainer modules: images, captions, buckets, time ids, augmentation, losses, caches, checkpoints."""
 
 from __future__ import annotations
 
