@@ -226,3 +226,34 @@ def test_empty_folder_and_finished_output_are_refused(toy_base, tmp_path, capsys
     Image.new("RGB", (64, 64)).save(empty / "x.png")
     assert train_main([*base, f"--instance_data_dir={empty}", f"--output_dir={done}"]) == 2
     assert "already holds a finished adapter; pass --overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_hf_dataset_captions_and_tensorboard_logging(toy_base, instance_dir, tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    rows = []
+    for i, source in enumerate(sorted(instance_dir.glob("*.png"))):
+        Image.open(source).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"sks shape number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "tb"
+    result = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), f"--pretrained_model_name_or_path={toy_base}", f"--dataset_name={folder}",
+            "--caption_column=text", "--instance_prompt=unused", f"--output_dir={out}", "--resolution=64",
+            "--train_batch_size=2", "--max_train_steps=2", "--report_to=tensorboard", "--validation_prompt=sks",
+            "--num_validation_images=1", "--validation_steps=2", "--validation_inference_steps=2",
+        ],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Scalars("loss")) == 2
+    assert acc.Tags()["images"]

@@ -321,3 +321,22 @@ def test_model_card_has_settings_gallery_and_loading_code():
     assert "| rank r | 32 |" in card and "| blocks k (k x k) | 2 |" in card and "| steps | 500 |" in card
     assert "![a photo of sks dog](validation/step-500/prompt0-0.png)" in card
     assert 'load_gralora_weights(pipe, "sks-dog.safetensors"' in card and "<gralora:sks-dog:0.8>" in card
+
+
+def test_hf_dataset_rows_become_records_with_their_captions(tmp_path):
+    pytest.importorskip("datasets")
+    from gralora_diffusion.training.data import read_hf_dataset
+
+    for i in range(3):
+        Image.new("RGB", (32 + 8 * i, 32), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    rows = [json.dumps({"file_name": f"{i}.png", "text": f"sks dog {i}"}) for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows))
+    records = read_hf_dataset(str(tmp_path), "image", "text", "fallback")
+    assert sorted((r.caption, r.size) for r in records) == [
+        ("sks dog 0", (32, 32)),
+        ("sks dog 1", (40, 32)),
+        ("sks dog 2", (48, 32)),
+    ]
+    assert all(r.caption == "fallback" for r in read_hf_dataset(str(tmp_path), "image", None, "fallback"))
+    with pytest.raises(TrainingDataError, match="--caption_column 'caption' is not in the dataset's columns"):
+        read_hf_dataset(str(tmp_path), "image", "caption", "fallback")
