@@ -37,7 +37,7 @@ from .data import (
 )
 from .generation import ensure_class_images, generate_validation_images
 from .latents import LatentEncoder
-from .loss import diffusion_loss, sample_noise, training_target
+from .loss import denoising_loss
 from .model_card import write_model_card
 from .text import PromptCache, encode_prompts
 
@@ -159,14 +159,13 @@ def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, w
         batch = collate([dataset.example(index, epoch=0)])
         gen = torch.Generator().manual_seed(seed + index)
         latents = encoder(batch, gen).to(accelerator.device, weight_dtype)
-        noise = sample_noise(latents, gen)
-        timesteps = torch.tensor([100 + (index * 211) % 800], device=latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         embeds, pooled = prompt_fn(batch["captions"])
-        cond = {"text_embeds": pooled.to(weight_dtype), "time_ids": batch["time_ids"].to(latents.device, weight_dtype)}
-        pred = unet(noisy, timesteps, embeds.to(weight_dtype), added_cond_kwargs=cond).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        losses.append(torch.nn.functional.mse_loss(pred.float(), target.float()).item())
+        loss, _ = denoising_loss(
+            unet, noise_scheduler, latents, embeds.to(latents.device, weight_dtype),
+            pooled.to(latents.device, weight_dtype), batch["time_ids"].to(latents.device, weight_dtype), gen,
+            timesteps=torch.tensor([100 + (index * 211) % 800]),
+        )  # fmt: skip
+        losses.append(loss.item())
     return sum(losses) / len(losses)
 
 
@@ -327,7 +326,6 @@ def train(args, instances) -> int:
     # --- the loop ---
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     accum = args.gradient_accumulation_steps
-    alphas_cumprod = noise_scheduler.alphas_cumprod
     validation_prompts = [p.strip() for p in (args.validation_prompt or "").split("|") if p.strip()]
     for epoch in range(first_epoch, num_epochs):
         for model in models.values():
@@ -339,29 +337,18 @@ def train(args, instances) -> int:
             torch.manual_seed(seed)  # adapter dropout and anything else drawing from the global generator
             gen = torch.Generator().manual_seed(seed)
             latents = latent_encoder(batch, gen).to(accelerator.device, weight_dtype)
-            noise = sample_noise(latents, gen, args.noise_offset)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-            timesteps = timesteps.to(latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             embeds, pooled = prompt_fn(batch["captions"])
-            cond = {
-                "text_embeds": pooled.to(accelerator.device, weight_dtype),
-                "time_ids": batch["time_ids"].to(accelerator.device, weight_dtype),
-            }
             sync = (micro + 1) % accum == 0 or micro + 1 == len(batches)
             no_sync = contextlib.ExitStack()
             if not sync:
                 for model in models.values():
                     no_sync.enter_context(accelerator.no_sync(model))
             with no_sync, accelerator.autocast():
-                pred = unet(
-                    noisy, timesteps, embeds.to(accelerator.device, weight_dtype), added_cond_kwargs=cond
-                ).sample
-                loss, parts = diffusion_loss(
-                    pred, training_target(noise_scheduler, latents, noise, timesteps), timesteps,
-                    torch.tensor(batch["is_class"], device=pred.device), alphas_cumprod=alphas_cumprod,
-                    prediction_type=noise_scheduler.config.prediction_type, snr_gamma=args.snr_gamma,
-                    prior_loss_weight=args.prior_loss_weight,
+                loss, parts = denoising_loss(
+                    unet, noise_scheduler, latents, embeds.to(accelerator.device, weight_dtype),
+                    pooled.to(accelerator.device, weight_dtype), batch["time_ids"].to(accelerator.device, weight_dtype),
+                    gen, is_class=torch.tensor(batch["is_class"]), noise_offset=args.noise_offset,
+                    snr_gamma=args.snr_gamma, prior_loss_weight=args.prior_loss_weight,
                 )  # fmt: skip
                 accelerator.backward(loss / accum)
             if not sync:

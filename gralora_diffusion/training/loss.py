@@ -62,3 +62,45 @@ def diffusion_loss(
         loss = loss + prior_loss_weight * prior
         parts["prior_loss"] = prior.item()
     return loss, parts
+
+
+def denoising_loss(
+    unet,
+    noise_scheduler,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_embeds: torch.Tensor,
+    time_ids: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    is_class: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    prior_loss_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One SDXL training objective evaluation: noise the latents, predict with the UNet, weigh the error.
+
+    All randomness (noise, timesteps) comes from ``generator``; ``timesteps`` may be fixed (evaluation).
+    """
+    noise = sample_noise(latents, generator, noise_offset)
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        )
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    cond = {"text_embeds": pooled_embeds, "time_ids": time_ids}
+    pred = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=cond).sample
+    if is_class is None:
+        is_class = torch.zeros(latents.shape[0], dtype=torch.bool)
+    return diffusion_loss(
+        pred,
+        training_target(noise_scheduler, latents, noise, timesteps),
+        timesteps,
+        is_class.to(pred.device),
+        alphas_cumprod=noise_scheduler.alphas_cumprod,
+        prediction_type=noise_scheduler.config.prediction_type,
+        snr_gamma=snr_gamma,
+        prior_loss_weight=prior_loss_weight,
+    )
