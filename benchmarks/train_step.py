@@ -1,0 +1,199 @@
+"""The trainer's step, GraLoRA against LoRA: seconds per step and memory, on the toy UNet and a mid-size SDXL UNet.
+
+    python benchmarks/train_step.py                 # both models, CPU here (CUDA when available)
+    python benchmarks/train_step.py --models toy    # quick
+
+One step = the trainer's ``denoising_loss`` (noise, UNet forward, Min-SNR-free MSE) + backward + AdamW step, with
+adapters on the UNet attention (``to_q, to_k, to_v, to_out.0``) at rank 64:
+  lora           PEFT LoRA r=64, alpha=64
+  gralora        PEFT GraLoRA r=64, k=4, alpha=128 (PEFT's forward)
+  gralora-train  the same adapter with this package's memory-lean forward, as the trainer runs it by default
+The mid-size UNet has SDXL's block types and widths (block_out_channels (320, 640), 2 and 10-head attention,
+transformer depth 1 and 2, cross-attention 2048, text-time conditioning) with random weights, at 256 px (32 x 32
+latents). Time is the median over ``--repeats`` steps, the variants run round-robin; memory is the CUDA peak above
+the step's start, or on CPU the bytes autograd saves for backward (parameters excluded). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from gralora_diffusion import add_gralora_adapter, make_gralora_config
+from gralora_diffusion.layers import use_memory_lean_training
+from gralora_diffusion.toy import build_toy_sdxl_pipeline
+from gralora_diffusion.training.loss import denoising_loss
+
+VARIANTS = ("lora", "gralora", "gralora-train")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def mid_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(320, 640),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280 + 6 * 256,
+    )
+
+
+def build(model_name: str, variant: str, rank: int, device, dtype):
+    torch.manual_seed(0)
+    unet = mid_unet() if model_name == "mid" else build_toy_sdxl_pipeline(0).unet
+    unet.requires_grad_(False)
+    unet.to(device, dtype)
+    if variant == "lora":
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), unet)
+    else:
+        add_gralora_adapter(unet, make_gralora_config(rank, "unet-attention"), component="unet")
+        if variant == "gralora-train":
+            use_memory_lean_training(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return unet, torch.optim.AdamW(params, lr=1e-4)
+
+
+def inputs(unet, batch: int, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    size = cfg.sample_size
+    latents = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(device, dtype)
+    embeds = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    pooled = torch.randn(batch, pooled_dim, generator=g).to(device, dtype)
+    time_ids = torch.tensor([[size * 8.0, size * 8.0, 0, 0, size * 8.0, size * 8.0]] * batch).to(device, dtype)
+    return latents, embeds, pooled, time_ids
+
+
+def one_step(unet, optimizer, scheduler, batch_inputs, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    with torch.autocast(
+        batch_inputs[0].device.type, dtype=batch_inputs[0].dtype, enabled=batch_inputs[0].dtype != torch.float32
+    ):
+        loss, _ = denoising_loss(unet, scheduler, *batch_inputs, gen)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def memory(unet, optimizer, scheduler, batch_inputs, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        one_step(unet, optimizer, scheduler, batch_inputs, 0)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = denoising_loss(unet, scheduler, *batch_inputs, torch.Generator().manual_seed(0))
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    built = {v: build(model_name, v, rank, device, dtype) for v in VARIANTS}
+    batch_inputs = inputs(built["lora"][0], batch, device, dtype)
+    times = {v: [] for v in VARIANTS}
+    for i in range(warmup + repeats):
+        for v in VARIANTS:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one_step(*built[v], scheduler, batch_inputs, i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[v].append(time.perf_counter() - t0)
+    mem = {v: memory(*built[v], scheduler, batch_inputs, device) for v in VARIANTS}
+    median = {v: statistics.median(times[v]) for v in VARIANTS}
+    rows = []
+    for v in VARIANTS:
+        unet = built[v][0]
+        rows.append(
+            {
+                "model": model_name,
+                "variant": v,
+                "rank": rank,
+                "adapter_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+                "seconds_per_step": median[v],
+                "time_vs_lora": median[v] / median["lora"],
+                "memory_mib": mem[v] / 2**20,
+                "memory_vs_lora": mem[v] / mem["lora"],
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["toy", "mid"], choices=["toy", "mid"])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    rows = []
+    for model_name in args.models:
+        rows += run(model_name, args.rank, args.batch, args.repeats, args.warmup, device, dtype)
+    label = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"{'model':>5} {'variant':>14} {'params':>9} {'s/step':>8} {'t/LoRA':>7} {label:>10} {'m/LoRA':>7}")
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['variant']:>14} {r['adapter_params']:>9} {r['seconds_per_step']:>8.3f} "
+            f"{r['time_vs_lora']:>7.2f} {r['memory_mib']:>10.1f} {r['memory_vs_lora']:>7.2f}"
+        )
+    out = args.out or Path(__file__).parent / "results" / f"train_step-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "memory_metric": "cuda peak allocated above start" if device.type == "cuda" else "bytes saved for backward",
+        "rows": rows,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
