@@ -340,3 +340,24 @@ def test_hf_dataset_rows_become_records_with_their_captions(tmp_path):
     assert all(r.caption == "fallback" for r in read_hf_dataset(str(tmp_path), "image", None, "fallback"))
     with pytest.raises(TrainingDataError, match="--caption_column 'caption' is not in the dataset's columns"):
         read_hf_dataset(str(tmp_path), "image", "caption", "fallback")
+
+
+def test_prompt_cache_encodes_each_prompt_once_and_matches_direct_encoding(sdxl):
+    from gralora_diffusion.training.text import PromptCache, encode_prompts
+
+    encoders, tokenizers = [sdxl.text_encoder, sdxl.text_encoder_2], [sdxl.tokenizer, sdxl.tokenizer_2]
+    calls = []
+    hook = sdxl.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    cache = PromptCache(encoders, tokenizers)
+    prompts = ["a photo of sks dog", "", "a photo of sks dog", "a red circle"]
+    embeds, pooled = cache(prompts)
+    cache(list(reversed(prompts)))
+    hook.remove()
+    assert len(cache) == 3 and len(calls) == 3
+    with torch.no_grad():
+        direct_embeds, direct_pooled = encode_prompts(encoders, tokenizers, prompts)
+    assert embeds.shape == (4, 77, 64) and pooled.shape == (4, 32)  # SDXL: both encoders side by side, pooled of #2
+    torch.testing.assert_close(embeds, direct_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, direct_pooled, atol=1e-5, rtol=1e-5)
+    reference = sdxl.encode_prompt(prompts, do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(embeds, reference, atol=1e-5, rtol=1e-5)  # same conditioning as the pipeline's own
