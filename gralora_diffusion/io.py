@@ -218,7 +218,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # Copies, not views of the memory-mapped file: a file overwritten in place later must not change an
+            # adapter that is already loaded.
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(
             f"{path} is not a readable safetensors file (truncated or another format): {err}"

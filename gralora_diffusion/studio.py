@@ -102,7 +102,7 @@ class AdapterLibrary:
         adapter = self.load(name)
         config = adapter.configs.get("unet") or next(iter(adapter.configs.values()))
         return AdapterInfo(
-            name=Path(name).stem,
+            name=_adapter_name(name),
             trigger_prompt=adapter.metadata.get("trigger_prompt", ""),
             rank=config.r,
             k=config.gralora_k,
@@ -160,8 +160,13 @@ class GenerationResult:
 def parse_prompt_adapters(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """Remove ``<gralora:NAME:WEIGHT>`` tags (weight optional, default 1) from ``prompt``; return text and tags."""
     tags = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in PROMPT_TAG.finditer(prompt)]
-    text = re.sub(r"\s{2,}", " ", PROMPT_TAG.sub("", prompt)).strip(" ,")
+    text = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s{2,}", " ", PROMPT_TAG.sub("", prompt))).strip(" ,")
     return text, tags
+
+
+def _adapter_name(name: str) -> str:
+    """A row's or tag's adapter name without a ``.safetensors`` suffix; anything path-like is kept for refusal."""
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 def merge_adapter_choices(rows: list[AdapterChoice], tags: list[tuple[str, float]]) -> list[AdapterChoice]:
@@ -169,9 +174,9 @@ def merge_adapter_choices(rows: list[AdapterChoice], tags: list[tuple[str, float
     merged: dict[str, AdapterChoice] = {}
     for row in rows:
         if row.enabled and row.name:
-            merged[Path(row.name).stem] = AdapterChoice(**{**asdict(row), "name": Path(row.name).stem})
+            merged[_adapter_name(row.name)] = AdapterChoice(**{**asdict(row), "name": _adapter_name(row.name)})
     for name, weight in tags:
-        stem = Path(name).stem if name == Path(name).name else name  # keep path-like names for the library to refuse
+        stem = _adapter_name(name)
         if stem in merged:
             merged[stem].weight, merged[stem].unet_weight, merged[stem].text_encoder_weight = weight, None, None
         else:
@@ -368,7 +373,7 @@ class Studio:
         if not x_weights:
             raise StudioError("Give at least one X weight.")
         y_values = y_weights if (y_adapter and y_weights) else [None]
-        base_rows = [c for c in request.adapters if c.enabled and Path(c.name).stem not in (x_adapter, y_adapter)]
+        base_rows = [c for c in request.adapters if c.enabled and _adapter_name(c.name) not in (x_adapter, y_adapter)]
         cells: list[list[Image.Image]] = []
         for yw in y_values:
             row = []

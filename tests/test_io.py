@@ -105,3 +105,17 @@ def test_export_peft_folder_refuses_a_non_empty_target(tmp_path):
     with pytest.raises(gd.AdapterFileError, match="not empty"):
         gd.export_peft_folder(path, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_loaded_adapter_does_not_change_when_the_file_is_overwritten_in_place(tmp_path):
+    import shutil
+
+    first = make_adapter_file(tmp_path / "first.safetensors", seed=1, text_encoders=())
+    second = make_adapter_file(tmp_path / "second.safetensors", seed=2, text_encoders=())
+    target = tmp_path / "live.safetensors"
+    shutil.copy(first, target)
+    adapter = gd.read_adapter(target)
+    key = next(iter(adapter.state_dicts["unet"]))
+    before = adapter.state_dicts["unet"][key].clone()
+    shutil.copy(second, target)  # same inode, new bytes
+    assert torch.equal(adapter.state_dicts["unet"][key], before)

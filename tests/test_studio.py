@@ -1,0 +1,251 @@
+"""The app's generation function without the UI: adapters, weights, tags, paths, caching, errors, PNG settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter_file
+from PIL import Image
+
+import gralora_diffusion as gd
+from gralora_diffusion.studio import (
+    AdapterChoice,
+    AdapterLibrary,
+    GenerationRequest,
+    Limits,
+    Studio,
+    StudioError,
+    merge_adapter_choices,
+    parse_prompt_adapters,
+)
+from gralora_diffusion.toy import build_toy_sdxl_pipeline
+
+
+@pytest.fixture
+def library(tmp_path):
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    make_adapter_file(
+        folder / "dog.safetensors", seed=1, metadata={"trigger_prompt": "a photo of sks dog"}, b_scale=0.2
+    )
+    make_adapter_file(folder / "style.safetensors", seed=2, rank=16, gralora_k=4, text_encoders=(), b_scale=0.2)
+    return AdapterLibrary(folder)
+
+
+@pytest.fixture
+def studio(library):
+    return Studio(build_toy_sdxl_pipeline(0), library, base_name="toy", limits=Limits(min_size=32))
+
+
+def request(**kwargs) -> GenerationRequest:
+    defaults = dict(prompt="a photo of sks dog", steps=2, width=64, height=64, seed=7, guidance_scale=5.0)
+    return GenerationRequest(**{**defaults, **kwargs})
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def reference_image(library, adapters, prompt="a photo of sks dog", seed=7, scheduler=None):
+    """The same generation done by hand with the package API on a fresh pipeline."""
+    pipe = build_toy_sdxl_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    names, weights = [], []
+    for name, weight in adapters:
+        gd.load_gralora_weights(pipe, library.path(name), adapter_name=name)
+        names.append(name)
+        weights.append(weight)
+    if names:
+        gd.set_gralora_adapters(pipe, names, weights)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=2, width=64, height=64, guidance_scale=5.0, generator=g).images[0]
+
+
+# --- prompt tags -------------------------------------------------------------------------------------------------
+
+
+def test_prompt_tags_are_parsed_and_stripped():
+    text, tags = parse_prompt_adapters(
+        "a photo of sks dog <gralora:dog:0.8>, watercolor <gralora:style:-1.25> <gralora:x>"
+    )
+    assert text == "a photo of sks dog, watercolor"
+    assert tags == [("dog", 0.8), ("style", -1.25), ("x", 1.0)]
+
+
+def test_tags_merge_with_rows_and_override_their_weight():
+    rows = [AdapterChoice("dog", 0.3, unet_weight=0.1), AdapterChoice("off", 1.0, enabled=False)]
+    merged = merge_adapter_choices(rows, [("dog", 0.9), ("style", 0.5)])
+    assert [(c.name, c.weight, c.unet_weight) for c in merged] == [("dog", 0.9, None), ("style", 0.5, None)]
+
+
+# --- generation --------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_and_adapters_give_the_same_image_and_match_the_api(studio, library):
+    rows = [AdapterChoice("dog", 0.8), AdapterChoice("style", -0.6)]
+    first = studio.generate(request(adapters=rows))
+    second = studio.generate(request(adapters=rows))
+    assert first.errors == {} and first.seed == 7
+    assert np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
+    expected = reference_image(library, [("dog", 0.8), ("style", -0.6)])
+    assert np.abs(pixels(first.images[0]) - pixels(expected)).max() <= 1  # fused vs unfused: rounding only
+
+
+def test_different_weights_give_different_images(studio):
+    a = studio.generate(request(adapters=[AdapterChoice("dog", 1.0)])).images[0]
+    b = studio.generate(request(adapters=[AdapterChoice("dog", -1.0)])).images[0]
+    none = studio.generate(request()).images[0]
+    assert np.abs(pixels(a) - pixels(b)).mean() > 1
+    assert np.abs(pixels(a) - pixels(none)).mean() > 1
+
+
+def test_prompt_tag_applies_the_adapter(studio, library):
+    tagged = studio.generate(request(prompt="a photo of sks dog <gralora:style:0.7>"))
+    assert tagged.prompt == "a photo of sks dog" and tagged.applied == {"style": {"unet": 0.7}}
+    expected = reference_image(library, [("style", 0.7)])
+    assert np.abs(pixels(tagged.images[0]) - pixels(expected)).max() <= 1
+
+
+def test_separate_unet_and_text_encoder_weights(studio, library):
+    result = studio.generate(request(adapters=[AdapterChoice("dog", 1.0, unet_weight=0.5, text_encoder_weight=0.0)]))
+    assert result.applied == {"dog": {"unet": 0.5, "text_encoder": 0.0, "text_encoder_2": 0.0}}
+    expected = reference_image(library, [("dog", {"unet": 0.5, "text_encoder": 0.0, "text_encoder_2": 0.0})])
+    assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= 1
+
+
+def test_unchanged_adapters_cost_nothing_and_a_change_costs_one_switch(studio, caplog):
+    rows = [AdapterChoice("dog", 0.5)]
+    with caplog.at_level(logging.INFO, logger="gralora_diffusion.studio"):
+        first = studio.generate(request(adapters=rows))
+    assert first.switch_ms > 0 and studio.switches == 1
+    assert any("adapter switch to [dog:0.5] took" in r.message for r in caplog.records)
+    again = studio.generate(request(adapters=rows, seed=8))
+    assert again.switch_ms == 0.0 and studio.switches == 1
+    studio.generate(request(adapters=[AdapterChoice("dog", 0.75)]))
+    assert studio.switches == 2
+    assert gd.get_fused_gralora_adapters(studio.pipe) == ["dog"]
+
+
+def test_changed_file_on_disk_is_reloaded(studio, library, tmp_path):
+    before = studio.generate(request(adapters=[AdapterChoice("dog", 1.0)])).images[0]
+    replacement = make_adapter_file(tmp_path / "other.safetensors", seed=9, b_scale=0.2)
+    shutil.copy(replacement, library.path("dog"))
+    os.utime(library.path("dog"), ns=(1, 1))  # a different mtime even on coarse clocks
+    after = studio.generate(request(adapters=[AdapterChoice("dog", 1.0)])).images[0]
+    assert np.abs(pixels(after) - pixels(before)).mean() > 1
+    expected = reference_image(library, [("dog", 1.0)])
+    assert np.abs(pixels(after) - pixels(expected)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["../adapters/dog", "/etc/passwd", "sub/dog", "..", "dog.bin", "nope"])
+def test_path_traversal_and_unknown_names_are_refused(studio, library, name):
+    with pytest.raises(StudioError):
+        library.path(name)
+    result = studio.generate(request(adapters=[AdapterChoice(name, 1.0), AdapterChoice("style", 1.0)]))
+    assert name in result.errors and "style" in result.applied  # the bad row is reported, the good one applied
+    tagged = studio.generate(request(prompt=f"a photo <gralora:{name}:1>"))
+    assert tagged.applied == {} and tagged.errors
+
+
+def test_symlink_out_of_the_folder_is_refused(library, tmp_path):
+    outside = make_adapter_file(tmp_path / "outside.safetensors", seed=3, text_encoders=())
+    (library.folder / "sneaky.safetensors").symlink_to(outside)
+    with pytest.raises(StudioError, match="not inside the adapter folder"):
+        library.path("sneaky")
+
+
+def test_bad_files_are_reported_per_row_and_the_pipeline_is_unchanged(studio, library):
+    (library.folder / "truncated.safetensors").write_bytes(library.path("dog").read_bytes()[:200])
+    other_base = make_adapter_file(
+        library.folder / "sd15.safetensors", seed=4, text_encoders=(), pipeline_builder=gd.toy.build_toy_sd15_pipeline
+    )
+    assert other_base.exists()
+    studio.generate(request(adapters=[AdapterChoice("style", 0.5)]))
+    good = studio.generate(request(adapters=[AdapterChoice("style", 0.5)]))
+    mixed = studio.generate(
+        request(adapters=[AdapterChoice("truncated", 1.0), AdapterChoice("style", 0.5), AdapterChoice("sd15", 1.0)])
+    )
+    assert set(mixed.errors) == {"truncated", "sd15"}
+    assert "not a readable safetensors" in mixed.errors["truncated"]
+    assert "trained on another base model" in mixed.errors["sd15"]
+    assert mixed.applied == {"style": {"unet": 0.5}}
+    assert np.array_equal(pixels(mixed.images[0]), pixels(good.images[0]))
+    assert gd.get_gralora_adapters(studio.pipe)["unet"] == ["style"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"width": 70}, "Width 70 is not allowed: use a multiple of 8"),
+        ({"height": 4096}, "Height 4096 is not allowed"),
+        ({"steps": 0}, "Steps 0 is not allowed"),
+        ({"num_images": 99}, "Number of images 99"),
+        ({"scheduler": "Magic"}, "Unknown scheduler 'Magic'"),
+    ],
+)
+def test_out_of_range_settings_are_refused(studio, kwargs, match):
+    with pytest.raises(StudioError, match=match):
+        studio.generate(request(**kwargs))
+
+
+def test_schedulers_and_random_seed(studio, library):
+    from diffusers import DPMSolverMultistepScheduler
+
+    result = studio.generate(request(scheduler="DPM++ 2M", adapters=[AdapterChoice("dog", 1.0)]))
+    expected = reference_image(library, [("dog", 1.0)], scheduler=DPMSolverMultistepScheduler)
+    assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= 1
+    for name in ("Euler", "Euler a", "DDIM", "DPM++ 2M Karras"):
+        assert studio.generate(request(scheduler=name)).images
+    seeds = {studio.generate(request(random_seed=True)).seed for _ in range(3)}
+    assert len(seeds) == 3
+    two = studio.generate(request(num_images=2))
+    single = studio.generate(request(seed=8))
+    assert np.array_equal(pixels(two.images[1]), pixels(single.images[0]))  # image i uses seed + i
+
+
+def test_png_text_chunk_records_the_settings(studio, tmp_path):
+    result = studio.generate(request(negative_prompt="blurry", adapters=[AdapterChoice("dog", 0.8)]))
+    path = studio.save_png(result.images[0], tmp_path / "out.png", result, 0)
+    info = Image.open(path).info
+    assert info["parameters"].startswith("a photo of sks dog\nNegative prompt: blurry\nSteps: 2, Sampler: Euler")
+    assert (
+        "Seed: 7, Size: 64x64, Model: toy, GraLoRA: [dog:unet=0.8/text_encoder=0.8/text_encoder_2=0.8]"
+        in info["parameters"]
+    )
+    assert json.loads(info["gralora"])["adapters"] == {"dog": {"unet": 0.8, "text_encoder": 0.8, "text_encoder_2": 0.8}}
+
+
+def test_cancel_stops_the_run(studio):
+    calls = []
+
+    def progress(fraction):
+        calls.append(fraction)
+        studio.cancel()
+
+    result = studio.generate(request(steps=5), progress=progress)
+    assert result.cancelled and result.images == [] and len(calls) == 1
+
+
+def test_xy_grid_cells_equal_single_generations(studio):
+    grid, cells = studio.xy_grid(request(), "dog", [0.0, 1.0], "style", [0.0, -1.0])
+    assert grid.size == (90 + 2 * 64, 24 + 2 * 64)
+    single = studio.generate(request(adapters=[AdapterChoice("dog", 1.0), AdapterChoice("style", -1.0)])).images[0]
+    assert np.array_equal(pixels(cells[1][1]), pixels(single))
+    assert np.abs(pixels(cells[0][0]) - pixels(cells[1][1])).mean() > 1
+    assert np.array_equal(pixels(grid)[24 + 64 :, 90 + 64 :], pixels(single))
+
+
+def test_library_lists_and_describes(library):
+    assert library.names() == ["dog", "style"]
+    info = library.info("dog")
+    assert (info.trigger_prompt, info.rank, info.k) == ("a photo of sks dog", 8, 2)
+    assert "trigger: 'a photo of sks dog'; r=8, k=2" in info.describe()
+    assert library.load("dog") is library.load("dog")  # cached in memory
