@@ -189,6 +189,7 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
     ]  # fmt: skip
     train(
         toy_base, instance_dir, out, "--max_train_steps=3", "--train_batch_size=1", "--checkpointing_steps=2",
+        "--train_text_encoder",
         launcher=launcher, env={"ACCELERATE_USE_CPU": "1"},
     )  # fmt: skip
     m = metrics(out)

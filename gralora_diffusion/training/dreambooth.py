@@ -314,10 +314,18 @@ def train(args, instances) -> int:
     if accelerator.is_main_process:
         accelerator.init_trackers("gralora-dreambooth", config={k: v for k, v in vars(args).items() if v is not None})
     metrics = {"losses": [], "prior_losses": [], "initial_eval_loss": None, "final_eval_loss": None}
+
+    def eval_prompts(captions):  # unwrapped modules: evaluation runs on the main process only, outside DDP
+        names = ("text_encoder", "text_encoder_2")
+        encoders = [accelerator.unwrap_model(models.get(n, e)) for n, e in zip(names, text_encoders)]
+        with torch.no_grad():
+            return encode_prompts(encoders, tokenizers, captions)
+
     if global_step == 0 and accelerator.is_main_process:
         metrics["initial_eval_loss"] = eval_loss(
-            dataset, latent_encoder, prompt_fn, unet, noise_scheduler, accelerator, weight_dtype, args.seed
-        )
+            dataset, latent_encoder, eval_prompts, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
+            weight_dtype, args.seed,
+        )  # fmt: skip
     logger.info(
         f"{len(dataset)} examples, {batches_per_epoch} batches/epoch/process, {world} processes, "
         f"{max_steps} steps, {num_epochs} epochs"
@@ -404,7 +412,7 @@ def train(args, instances) -> int:
         for model in models.values():
             model.eval()
         metrics["final_eval_loss"] = eval_loss(
-            dataset, latent_encoder, prompt_fn, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
+            dataset, latent_encoder, eval_prompts, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
             weight_dtype, args.seed,
         )  # fmt: skip
         final = save_adapter(adapter_path(args), models, accelerator, args, global_step)
