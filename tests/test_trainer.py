@@ -124,6 +124,10 @@ def test_text_encoders_buckets_wide_target_hybrid_bf16(toy_base, instance_dir, t
     unet_modules = adapter.module_names("unet")
     assert any(m.endswith("ff.net.2") for m in unet_modules) and any(m.endswith("proj_in") for m in unet_modules)
     assert adapter.configs["unet"].hybrid_r == 4
+    # SDXL never reads the last layer of text encoder 1 (penultimate states only), so it carries no adapter.
+    assert not [m for m in adapter.module_names("text_encoder") if ".layers.1." in m]
+    assert [m for m in adapter.module_names("text_encoder") if ".layers.0." in m]
+    assert [m for m in adapter.module_names("text_encoder_2") if ".layers.1." in m]
     for component, sd in adapter.state_dicts.items():
         assert all(t.dtype == torch.float32 for t in sd.values()), component  # trainable params kept in fp32
         b = [t for k, t in sd.items() if k.endswith("gralora_B")]

@@ -77,6 +77,20 @@ def load_models(args, weight_dtype):
     return tokenizers, text_encoders, vae, unet, noise_scheduler
 
 
+def text_encoder_targets(encoder, uses_last_layer: bool) -> list[str]:
+    """The attention projections of a CLIP text encoder that can influence SDXL's conditioning.
+
+    SDXL reads the penultimate hidden states of both encoders and the pooled output of the second only, so the last
+    layer of the first encoder never receives a gradient: adapting it would waste parameters (and make DDP fail on
+    parameters without gradients).
+    """
+    from ..config import TEXT_ENCODER_ATTENTION_TARGETS, find_target_modules
+
+    last = encoder.config.num_hidden_layers - 1
+    names = find_target_modules(encoder, TEXT_ENCODER_ATTENTION_TARGETS)
+    return sorted(n for n in names if uses_last_layer or f".layers.{last}." not in n)
+
+
 def add_adapters(args, unet, text_encoders) -> dict:
     """GraLoRA on the UNet (and both text encoders with --train_text_encoder); trainable parameters in fp32."""
     common = {
@@ -90,9 +104,8 @@ def add_adapters(args, unet, text_encoders) -> dict:
     api.add_gralora_adapter(unet, unet_config, component="unet")
     if args.train_text_encoder:
         for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-            api.add_gralora_adapter(
-                encoder, make_gralora_config(args.rank, "text-encoder-attention", **common), component=name
-            )
+            targets = text_encoder_targets(encoder, uses_last_layer=name == "text_encoder_2")
+            api.add_gralora_adapter(encoder, make_gralora_config(args.rank, targets, **common), component=name)
             models[name] = encoder
     for model in models.values():
         for param in model.parameters():
