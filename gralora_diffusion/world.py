@@ -1,0 +1,149 @@
+"""A procedural image world where learning is visible on a CPU: coloured shapes on plain backgrounds, with captions.
+
+Every image is a pure function of (seed, index): no files, the same pictures on every machine. The training world
+has 8 shapes x 8 colours on varied backgrounds, sizes, positions and rotations; the held-out *subject* (a teal
+crescent moon, never drawn for the base model) is what DreamBooth runs teach with the trigger prompt
+"a photo of sks shape".
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "diamond")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+BACKGROUNDS = {**COLORS, "gray": (128, 128, 128)}
+SUBJECT_SHAPE = "moon"
+SUBJECT_COLOR = ("teal", (0, 150, 150))
+SUBJECT_PROMPT = "a photo of sks shape"
+ALL_SHAPES = SHAPES + (SUBJECT_SHAPE,)
+ALL_COLORS = {**COLORS, SUBJECT_COLOR[0]: SUBJECT_COLOR[1]}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    size: float  # radius in pixels
+    center: tuple[float, float]
+    rotation: float  # radians
+
+    @property
+    def caption(self) -> str:
+        article = "an" if self.color[0] in "aeiou" else "a"
+        return f"{article} {self.color} {self.shape} on a {self.background} background"
+
+
+def _polygon(points, center, radius, rotation):
+    cx, cy = center
+    out = []
+    for x, y in points:
+        xr = x * math.cos(rotation) - y * math.sin(rotation)
+        yr = x * math.sin(rotation) + y * math.cos(rotation)
+        out.append((cx + xr * radius, cy + yr * radius))
+    return out
+
+
+def _unit_shape(shape: str) -> list[tuple[float, float]] | None:
+    """Outline of a shape of radius 1 around the origin (None for shapes drawn with ellipses)."""
+    if shape == "square":
+        return [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    if shape == "triangle":
+        return [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "diamond":
+        return [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)]
+    if shape == "star":
+        return [
+            ((1.0 if i % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + i * math.pi / 5),
+             (1.0 if i % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            for i in range(10)
+        ]  # fmt: skip
+    if shape == "cross":
+        a, b = 0.3, 1.0
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
+    if shape == "heart":
+        points = []
+        for i in range(48):
+            t = i * 2 * math.pi / 48
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            points.append((16 * math.sin(t) ** 3 / 17, -y / 17))
+        return points
+    return None
+
+
+def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4) -> Image.Image:
+    """Draw ``scene`` antialiased (drawn at ``supersample`` x the size, then reduced)."""
+    big = image_size * supersample
+    s = supersample
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    fill = ALL_COLORS[scene.color]
+    cx, cy = scene.center[0] * s, scene.center[1] * s
+    r = scene.size * s
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene.shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        inner = 0.55 * r
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=BACKGROUNDS[scene.background])
+    elif scene.shape == "moon":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        dx, dy = 0.45 * r * math.cos(scene.rotation), 0.45 * r * math.sin(scene.rotation)
+        cut = 0.85 * r
+        draw.ellipse((cx + dx - cut, cy + dy - cut, cx + dx + cut, cy + dy + cut), fill=BACKGROUNDS[scene.background])
+    else:
+        draw.polygon(_polygon(_unit_shape(scene.shape), (cx, cy), r, scene.rotation), fill=fill)
+    return image.resize((image_size, image_size), Image.LANCZOS)
+
+
+def sample_scene(rng: random.Random, shape: str | None = None, color: str | None = None) -> Scene:
+    """A random scene (shape and colour may be fixed); the background always differs from the shape's colour."""
+    shape = shape or rng.choice(SHAPES)
+    color = color or rng.choice(list(COLORS))
+    background = rng.choice([b for b in ("white", "black", "gray", "blue", "yellow") if b != color])
+    size = rng.uniform(11, 20)
+    margin = size + 2
+    center = (rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin))
+    return Scene(shape, color, background, size, center, rng.uniform(0, 2 * math.pi))
+
+
+def world_example(seed: int, index: int) -> tuple[Image.Image, Scene]:
+    """Image ``index`` of the training world for ``seed`` (deterministic)."""
+    scene = sample_scene(random.Random(f"world:{seed}:{index}"))
+    return render(scene), scene
+
+
+def subject_example(index: int) -> tuple[Image.Image, Scene]:
+    """Instance ``index`` of the held-out subject: a teal crescent moon, mostly on white, in varied poses."""
+    rng = random.Random(f"subject:{index}")
+    scene = sample_scene(rng, shape=SUBJECT_SHAPE, color="white")
+    scene = Scene(SUBJECT_SHAPE, SUBJECT_COLOR[0], "white", scene.size, scene.center, scene.rotation)
+    return render(scene), scene

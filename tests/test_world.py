@@ -1,0 +1,34 @@
+"""The procedural toy world: deterministic, varied, captioned; the held-out subject never appears in it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gralora_diffusion.world import COLORS, SHAPES, SUBJECT_SHAPE, subject_example, world_example
+
+
+def test_world_is_deterministic_and_varied():
+    a = [np.asarray(world_example(0, i)[0]) for i in range(50)]
+    b = [np.asarray(world_example(0, i)[0]) for i in range(50)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], np.asarray(world_example(1, 0)[0]))
+    scenes = [world_example(0, i)[1] for i in range(400)]
+    assert {s.shape for s in scenes} == set(SHAPES) and {s.color for s in scenes} == set(COLORS)
+    assert all(s.background != s.color for s in scenes)
+    assert SUBJECT_SHAPE not in {s.shape for s in scenes}
+
+
+def test_captions_name_what_is_drawn():
+    image, scene = world_example(3, 7)
+    assert scene.caption.endswith(f"{scene.color} {scene.shape} on a {scene.background} background")
+    pixels = np.asarray(image).reshape(-1, 3).astype(int)
+    shape_color = np.array(COLORS[scene.color])
+    assert (np.abs(pixels - shape_color).sum(axis=1) < 30).mean() > 0.03  # the shape's colour covers part of it
+    assert world_example(0, 3)[1].caption.startswith("an orange") or " a " in world_example(0, 3)[1].caption
+
+
+def test_subject_images_are_teal_moons():
+    image, scene = subject_example(0)
+    assert scene.shape == SUBJECT_SHAPE and scene.color == "teal"
+    pixels = np.asarray(image).reshape(-1, 3).astype(int)
+    assert (np.abs(pixels - np.array([0, 150, 150])).sum(axis=1) < 30).mean() > 0.03
