@@ -419,8 +419,12 @@ def delete_gralora_adapters(pipe: Any, adapter_names: str | Sequence[str]) -> No
 
 
 def unload_gralora_weights(pipe: Any) -> None:
-    """Remove every GraLoRA adapter and restore the original modules (base parameters untouched if never fused)."""
-    _unfuse_all(pipe)
+    """Remove every GraLoRA adapter and restore the plain modules.
+
+    As with diffusers' ``unload_lora_weights``, what is fused stays fused: ``fuse_gralora`` then
+    ``unload_gralora_weights`` leaves a plain pipeline with the blend baked into its weights (how ``gralora merge``
+    makes a merged checkpoint). Unfused adapters simply disappear, leaving every base parameter bit-identical.
+    """
     for model in pipeline_components(pipe).values():
         for module_name, layer in list(gralora_layers(model)):
             _replace_with_base(model, module_name, layer)

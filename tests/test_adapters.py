@@ -292,3 +292,17 @@ def test_peft_trained_folder_loads_into_a_pipeline(sdxl, tmp_path):
     # alpha came from adapter_config.json, not from a default.
     layer = next(layer for _, layer in gd.layers.gralora_layers(sdxl.unet))
     assert layer.alpha["peft_unet"] == 12
+
+
+def test_unload_after_fuse_keeps_the_blend_baked_in(sdxl, adapter_files):
+    a, b = adapter_files
+    gd.load_gralora_weights(sdxl, a)
+    gd.load_gralora_weights(sdxl, b)
+    gd.set_gralora_adapters(sdxl, ["a", "b"], [0.6, -0.4])
+    gd.fuse_gralora(sdxl)
+    fused = unet_out(sdxl)
+    gd.unload_gralora_weights(sdxl)
+    assert gd.get_gralora_adapters(sdxl) == {} and not list(gd.layers.gralora_layers(sdxl.unet))
+    torch.testing.assert_close(unet_out(sdxl), fused, atol=1e-6, rtol=1e-6)
+    ref = explicit_pipeline([(a, {"unet": 0.6}), (b, {"unet": -0.4})])
+    torch.testing.assert_close(unet_out(sdxl), unet_out(ref), atol=1e-5, rtol=1e-5)
