@@ -132,6 +132,31 @@ def _check_known(pipe: Any, names: Iterable[str]) -> None:
         )
 
 
+# --- module names across transformers versions ------------------------------------------------------------------
+
+CLIP_PREFIX = "text_model."
+
+
+def resolve_module_name(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """The name under which ``modules`` holds the adapted module ``name``.
+
+    Adapter files name CLIP text-encoder modules ``text_model.encoder.layers...`` (the layout of transformers 4 and of
+    ``CLIPTextModelWithProjection``); transformers 5 flattens ``CLIPTextModel`` to ``encoder.layers...``. Both are
+    accepted, so an adapter works whichever transformers made or loads it.
+    """
+    if name in modules:
+        return name
+    alternative = name[len(CLIP_PREFIX) :] if name.startswith(CLIP_PREFIX) else CLIP_PREFIX + name
+    return alternative if alternative in modules else None
+
+
+def canonical_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For a CLIP text encoder without the ``text_model`` wrapper, write keys in the ``text_model.`` form."""
+    if not type(model).__name__.startswith("CLIPText") or hasattr(model, "text_model"):
+        return sd
+    return {k if k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k: v for k, v in sd.items()}
+
+
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
@@ -148,7 +173,8 @@ def _check_fits_pipeline(pipe: Any, adapter: AdapterFile) -> None:
         modules = dict(model.named_modules())
         sd = adapter.state_dicts[component]
         for module_name in adapter.module_names(component):
-            module = modules.get(module_name)
+            resolved = resolve_module_name(modules, module_name)
+            module = modules.get(resolved) if resolved else None
             a, b = sd[f"{module_name}.gralora_A"], sd[f"{module_name}.gralora_B"]
             expected = (a.shape[0] * a.shape[1], b.shape[0] * b.shape[2])  # (in, out)
             if module is None:
@@ -172,6 +198,11 @@ def _check_fits_pipeline(pipe: Any, adapter: AdapterFile) -> None:
 
 def _inject(model: nn.Module, adapter_name: str, config: GraloraConfig, sd: dict[str, torch.Tensor]) -> None:
     """Inject PEFT GraLoRA layers for exactly the modules in ``sd`` and load the tensors into them."""
+    named = dict(model.named_modules())
+    sd = {
+        f"{resolve_module_name(named, key.rsplit('.gralora_', 1)[0])}.gralora_{key.rsplit('.gralora_', 1)[1]}": value
+        for key, value in sd.items()
+    }
     modules = sorted({key.rsplit(".gralora_", 1)[0] for key in sd})
     config = GraloraConfig(
         r=config.r,
@@ -522,7 +553,7 @@ def save_gralora_weights(
     for component, value in given.items():
         if isinstance(value, nn.Module):
             cfgs[component] = gralora_config_of(value, adapter_name)
-            state_dicts[component] = adapter_state_dict(value, adapter_name)
+            state_dicts[component] = canonical_state_dict(value, adapter_state_dict(value, adapter_name))
         else:
             state_dicts[component] = dict(value)
             if configs and component in configs:

@@ -111,6 +111,29 @@ class AdapterLibrary:
         )
 
 
+class AdapterFiles(AdapterLibrary):
+    """Adapters named by explicit file paths (the command line's ``--adapter FILE``), by file stem."""
+
+    def __init__(self, paths: list[str | Path]):
+        super().__init__(Path.cwd())
+        self.files = {}
+        for path in paths:
+            path = Path(path)
+            if path.suffix != ".safetensors" or not path.is_file():
+                raise StudioError(f"{path} is not a .safetensors file; give the path of a GraLoRA adapter file.")
+            if path.stem in self.files:
+                raise StudioError(f"Two adapters are named {path.stem!r}; rename one of the files.")
+            self.files[path.stem] = path.resolve()
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def path(self, name: str) -> Path:
+        if name not in self.files:
+            raise StudioError(f"No adapter named {name!r} was given; use one of {self.names()}.")
+        return self.files[name]
+
+
 # --- requests ----------------------------------------------------------------------------------------------------
 
 

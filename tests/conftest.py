@@ -136,8 +136,9 @@ def apply_explicit_blend(pipe, adapters: list[tuple[Path, dict[str, float]]]) ->
             cfg = adapter.configs[component]
             scale = weights.get(component, 1.0) * cfg.alpha / (cfg.r + cfg.hybrid_r)
             model = getattr(pipe, component)
+            modules = dict(model.named_modules())
             for module_name in adapter.module_names(component):
-                layer = model.get_submodule(module_name)
+                layer = modules[gd.adapters.resolve_module_name(modules, module_name)]
                 delta = explicit_gralora_delta(
                     sd[f"{module_name}.gralora_A"],
                     sd[f"{module_name}.gralora_B"],

@@ -306,3 +306,21 @@ def test_unload_after_fuse_keeps_the_blend_baked_in(sdxl, adapter_files):
     torch.testing.assert_close(unet_out(sdxl), fused, atol=1e-6, rtol=1e-6)
     ref = explicit_pipeline([(a, {"unet": 0.6}), (b, {"unet": -0.4})])
     torch.testing.assert_close(unet_out(sdxl), unet_out(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_text_encoder_names_work_across_transformers_layouts(sdxl, adapter_files, tmp_path):
+    """Files name CLIP modules text_model.encoder...; a file with the flattened transformers-5 names loads too."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    a, _ = adapter_files
+    with safe_open(str(a), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert all(k.startswith("text_encoder.text_model.") for k in tensors if k.startswith("text_encoder."))
+    flat = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()}
+    save_file(flat, str(tmp_path / "flat.safetensors"), metadata=meta)
+    gd.load_gralora_weights(sdxl, tmp_path / "flat.safetensors")
+    ref = build_toy_sdxl_pipeline(0)
+    gd.load_gralora_weights(ref, a)
+    torch.testing.assert_close(text_out(sdxl), text_out(ref), atol=1e-6, rtol=1e-6)
+    assert (text_out(sdxl) - text_out(build_toy_sdxl_pipeline(0))).abs().max() > 1e-4
