@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory_probe import step_memory_bytes
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -64,33 +65,7 @@ def build(variant: str, features: int, rank: int, device, dtype) -> nn.Module:
 
 
 def step(model: nn.Module, x: torch.Tensor) -> None:
-    out = model(x)
-    out.float().square().mean().backward()
-
-
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out.float().square().mean().backward()
-    return sum(storages.values())
-
-
-def cuda_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(model, x)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    model(x).sum().backward()  # sum() saves nothing: memory is the layer's own
 
 
 def timed(model: nn.Module, x: torch.Tensor, device) -> float:
@@ -119,10 +94,10 @@ def run(shapes, ranks, batch, repeats, warmup, device, dtype) -> list[dict]:
                     t = timed(models[v], x, device)
                     if i >= warmup:
                         times[v].append(t)
-            if device.type == "cuda":
-                memory = {v: cuda_peak_bytes(models[v], x) for v in VARIANTS}
-            else:
-                memory = {v: saved_activation_bytes(models[v], x) for v in VARIANTS}
+            memory = {}
+            for v in VARIANTS:
+                model = models[v]
+                memory[v] = step_memory_bytes(model, lambda model=model, x=x: step(model, x), device)
             params = {
                 v: sum(p.numel() for n, p in models[v].named_parameters() if "lora_" in n or "gralora_" in n)
                 for v in VARIANTS

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory_probe import step_memory_bytes
 from peft import LoraConfig, inject_adapter_in_model
 
 from gralora_diffusion import add_gralora_adapter, make_gralora_config
@@ -95,27 +96,10 @@ def one_step(unet, optimizer, scheduler, batch_inputs, step: int) -> None:
 
 
 def memory(unet, optimizer, scheduler, batch_inputs, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    def run_step():
         one_step(unet, optimizer, scheduler, batch_inputs, 0)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    storages: dict[int, int] = {}
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = denoising_loss(unet, scheduler, *batch_inputs, torch.Generator().manual_seed(0))
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return step_memory_bytes(unet, run_step, device)
 
 
 def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:

@@ -134,14 +134,11 @@ def _tokenizers_and_vocab():
     return tokenizer, tokenizer_2, len(tokenizer.get_vocab())
 
 
-def build_toy_sdxl_pipeline(seed: int = 0):
-    """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def _toy_unet(**extra):
+    """The toy UNet: SDXL's block layout (plain down block, then cross-attention blocks) at toy widths."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer, tokenizer_2, vocab_size = _tokenizers_and_vocab()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -150,13 +147,25 @@ def build_toy_sdxl_pipeline(seed: int = 0):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
+        norm_num_groups=16,
+        **extra,
+    )
+
+
+def build_toy_sdxl_pipeline(seed: int = 0):
+    """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2, vocab_size = _tokenizers_and_vocab()
+    torch.manual_seed(seed)
+    unet = _toy_unet(
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embedding + 6 time ids
-        norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, projection=False))
@@ -177,23 +186,12 @@ def build_toy_sdxl_pipeline(seed: int = 0):
 
 def build_toy_sd15_pipeline(seed: int = 0):
     """Return a tiny ``StableDiffusionPipeline`` (one text encoder), for code that must work beyond SDXL."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer, _, vocab_size = _tokenizers_and_vocab()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=32,
-        norm_num_groups=16,
-    )
+    unet = _toy_unet(cross_attention_dim=32)
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, projection=False))
     pipe = StableDiffusionPipeline(
