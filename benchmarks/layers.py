@@ -97,7 +97,7 @@ def run(shapes, ranks, batch, repeats, warmup, device, dtype) -> list[dict]:
             memory = {}
             for v in VARIANTS:
                 model = models[v]
-                memory[v] = step_memory_bytes(model, lambda model=model, x=x: step(model, x), device)
+                memory[v] = step_memory_bytes(model, lambda model=model, x=x: model(x).sum(), device)
             params = {
                 v: sum(p.numel() for n, p in models[v].named_parameters() if "lora_" in n or "gralora_" in n)
                 for v in VARIANTS

@@ -12,13 +12,16 @@ import torch
 from torch import nn
 
 
-def step_memory_bytes(model: nn.Module, run_step: Callable[[], None], device: torch.device) -> int:
-    """Memory of ``run_step()`` (a forward + backward of ``model``) by the metric of ``device``."""
+def step_memory_bytes(model: nn.Module, forward: Callable[[], torch.Tensor], device: torch.device) -> int:
+    """Memory of ``forward()`` (returning a scalar loss of ``model``) plus its backward, by the metric of ``device``.
+
+    On the CPU only the forward is recorded: what backward recomputes (checkpointing) is transient, not kept.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        run_step()
+        forward().backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -31,5 +34,6 @@ def step_memory_bytes(model: nn.Module, run_step: Callable[[], None], device: to
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run_step()
+        loss = forward()
+    loss.backward()
     return sum(storages.values())

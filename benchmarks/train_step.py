@@ -96,10 +96,12 @@ def one_step(unet, optimizer, scheduler, batch_inputs, step: int) -> None:
 
 
 def memory(unet, optimizer, scheduler, batch_inputs, device) -> int:
-    def run_step():
-        one_step(unet, optimizer, scheduler, batch_inputs, 0)
+    def forward():
+        return denoising_loss(unet, scheduler, *batch_inputs, torch.Generator().manual_seed(0))[0]
 
-    return step_memory_bytes(unet, run_step, device)
+    used = step_memory_bytes(unet, forward, device)
+    optimizer.zero_grad(set_to_none=True)
+    return used
 
 
 def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:
