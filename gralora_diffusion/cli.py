@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 TOY_SIZE = 64
@@ -67,6 +64,7 @@ def cmd_export(args) -> int:
 
 def cmd_merge(args) -> int:
     from . import adapters as api
+    from .io import _atomic_directory
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -80,16 +78,7 @@ def cmd_merge(args) -> int:
     api.set_gralora_adapters(pipe, names, [w for _, w in specs])
     api.fuse_gralora(pipe)
     api.unload_gralora_weights(pipe)  # keeps the fused blend, drops the adapter modules
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _atomic_directory(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     print(f"merged {', '.join(f'{p}:{w:g}' for p, w in specs)} into {out}")
     return 0
 

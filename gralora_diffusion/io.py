@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -295,6 +296,22 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
+def _atomic_directory(directory: Path, write) -> Path:
+    """Call ``write(tmp_dir)`` on a hidden folder beside ``directory``, then rename it into place (which must be
+    absent or an empty folder); on any failure the temporary folder is removed and nothing appears."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
 def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
     """Write ``adapter`` as one ``.safetensors`` file, atomically (temporary name, then rename)."""
     path = Path(path)
@@ -333,9 +350,8 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for component, sd in adapter.state_dicts.items():
             folder = tmp / component
             folder.mkdir()
@@ -345,12 +361,5 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
             config.save_pretrained(str(folder))
             tensors = {_PEFT_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in sd.items()}
             save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return _atomic_directory(directory, write)
