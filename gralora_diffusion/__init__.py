@@ -31,6 +31,7 @@ from .config import (
     default_gralora_k,
     make_gralora_config,
 )
+from .export import ExportError, ExportResult, export_lora, to_lora
 from .io import AdapterFile, AdapterFileError, export_peft_folder, read_adapter, save_adapter_file
 from .layers import install_lora_compatible_scaling
 from .pipeline import GraloraPipelineMixin, with_gralora
@@ -45,6 +46,8 @@ __all__ = [
     "AdapterFileError",
     "GraloraAdapterError",
     "GraloraConfigError",
+    "ExportError",
+    "ExportResult",
     "GraloraPipelineMixin",
     "adapter_state_dict",
     "add_gralora_adapter",
@@ -53,6 +56,7 @@ __all__ = [
     "delete_gralora_adapters",
     "disable_gralora",
     "enable_gralora",
+    "export_lora",
     "export_peft_folder",
     "fuse_gralora",
     "get_active_gralora_adapters",
@@ -67,6 +71,7 @@ __all__ = [
     "save_adapter_file",
     "save_gralora_weights",
     "set_gralora_adapters",
+    "to_lora",
     "unfuse_gralora",
     "unload_gralora_weights",
     "with_gralora",

@@ -160,7 +160,7 @@ def canonical_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def _check_fits_pipeline(pipe: Any, adapter: AdapterFile) -> None:
+def check_fits_pipeline(pipe: Any, adapter: AdapterFile) -> None:
     """Every component exists and every adapted module exists with the shapes the adapter was trained on."""
     components = pipeline_components(pipe)
     for component in adapter.components:
@@ -283,7 +283,7 @@ def load_gralora_weights(
         raise GraloraAdapterError(
             f"An adapter named {name!r} is already loaded; pass another adapter_name or delete it first."
         )
-    _check_fits_pipeline(pipe, adapter)
+    check_fits_pipeline(pipe, adapter)
 
     _unfuse_all(pipe)
     components = pipeline_components(pipe)

@@ -1,44 +1,80 @@
 """The ``gralora`` command: export to LoRA, merge into a checkpoint, generate, inspect.
 
     gralora export ADAPTER.safetensors --to diffusers|kohya (--rank N | --energy 0.99 | --exact) -o OUT.safetensors
-    gralora merge --base PATH_OR_ID ADAPTER[:WEIGHT] ... -o DIR
-    gralora generate --base PATH_OR_ID --adapter FILE[:WEIGHT] ... --prompt "..." --seed 0 -o out.png
+    gralora merge [--base PATH_OR_ID] ADAPTER[:WEIGHT] ... -o DIR
+    gralora generate [--base PATH_OR_ID] --adapter FILE[:WEIGHT] ... --prompt "..." --seed 0 -o out.png
     gralora inspect ADAPTER.safetensors [--json]
 
-Without ``--base`` the offline toy SDXL base is used. Bad input gets one line on stderr and exit status 2, before any
-output is written; outputs are written under a temporary name and renamed.
+Without ``--base``, merge and generate use the offline toy SDXL base (``gralora_diffusion.toy.toy_sdxl_base_dir``);
+export reads the base recorded in the adapter when it is available offline, else SDXL's layout. Bad input gets one
+line on stderr and exit status 2, before any output is written; outputs are written under a temporary name and
+renamed, so a failed or interrupted command leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 TOY_SIZE = 64
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see '{self.prog} --help').\n")
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
     """``path/to/file.safetensors:0.8`` -> (path, 0.8); no ``:WEIGHT`` means 1.0."""
     head, sep, tail = spec.rpartition(":")
-    if sep:
+    if sep and head:
         try:
-            return head, float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(weight):
+            raise ValueError(f"The weight in {spec!r} is not a finite number; write e.g. {head}:0.8.")
+        return head, weight
     return spec, 1.0
 
 
-def _load_pipeline(base: str | None, dtype: str | None = None):
+def _base_dir(base: str | None) -> str:
+    from .toy import toy_sdxl_base_dir
+
+    return base or str(toy_sdxl_base_dir())
+
+
+def _read_adapters(specs: list[tuple[str, float]], base: str) -> list:
+    """Read every adapter and check it against the base's module shapes (configs only), before any weight loads."""
+    from .export import base_skeleton, check_fits_base
+    from .io import read_adapter
+
+    if not specs:
+        raise ValueError("Give at least one adapter file.")
+    adapters = [read_adapter(path) for path, _ in specs]
+    models = base_skeleton(base)
+    for adapter in adapters:
+        check_fits_base(adapter, models)
+    return adapters
+
+
+def _load_pipeline(base: str, dtype: str | None = None):
     import torch
     from diffusers import DiffusionPipeline
 
-    from .toy import toy_sdxl_base_dir
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(base or str(toy_sdxl_base_dir()), torch_dtype=torch_dtype).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -46,58 +82,75 @@ def _load_pipeline(base: str | None, dtype: str | None = None):
 # --- subcommands -------------------------------------------------------------------------------------------------
 
 
-def cmd_export(args) -> int:
-    import torch
-
+def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_lora
 
-    out = Path(args.output)
-    reports = export_lora(
-        args.adapter, out, args.to, rank=args.rank, energy=args.energy, exact=args.exact,
-        layers_per_block=args.layers_per_block, dtype=getattr(torch, args.dtype),
+    result = export_lora(
+        args.adapter, args.output, args.to, rank=args.rank, energy=args.energy, exact=args.exact, base=args.base,
+        dtype=args.dtype,
     )  # fmt: skip
-    for r in reports:
-        print(f"{r.component:<15} {r.layers:>4} layers  rank {r.rank_text:<7} relative error {r.relative_error:.3e}")
-    print(f"wrote {out} ({args.to} layout)")
+    print(f"{'component':<15} {'layers':>6}  {'rank':<7} {'relative error':>14}  {'worst layer':>11}")
+    for r in result.components:
+        print(
+            f"{r.component:<15} {r.layers:>6}  {r.rank_text:<7} {r.relative_error:>14.3e}  {r.worst_layer_error:>11.3e}"
+        )
+    naming = f"; UNet blocks named for {result.unet_naming}" if result.unet_naming else ""
+    print(f"wrote {result.path} ({result.layout} layout{naming})")
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
     from . import adapters as api
     from .io import _atomic_directory
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new output folder.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new output folder.")
     specs = [parse_weighted(s) for s in args.adapters]
-    for path, _ in specs:
-        if not Path(path).exists():
-            raise ValueError(f"Adapter {path} does not exist; check the path.")
-    pipe = _load_pipeline(args.base, args.dtype)
-    names = [api.load_gralora_weights(pipe, path, adapter_name=f"a{i}") for i, (path, _) in enumerate(specs)]
+    base = _base_dir(args.base)
+    adapters = _read_adapters(specs, base)
+    pipe = _load_pipeline(base, args.dtype)
+    names = [api.load_gralora_weights(pipe, adapter, adapter_name=f"a{i}") for i, adapter in enumerate(adapters)]
     api.set_gralora_adapters(pipe, names, [w for _, w in specs])
     api.fuse_gralora(pipe)
-    api.unload_gralora_weights(pipe)  # keeps the fused blend, drops the adapter modules
-    _atomic_directory(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
-    print(f"merged {', '.join(f'{p}:{w:g}' for p, w in specs)} into {out}")
+    api.unload_gralora_weights(pipe)  # keeps the fused blend, drops the adapter modules: a plain pipeline
+    record = {
+        "base": args.base or "toy-sdxl",
+        "adapters": [
+            {"file": Path(path).name, "weight": weight, "base_model": adapter.base_model}
+            for (path, weight), adapter in zip(specs, adapters)
+        ],
+    }
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "gralora_merge.json").write_text(json.dumps(record, indent=2))
+
+    _atomic_directory(out, write)
+    print(f"merged {', '.join(f'{Path(p).name}:{w:g}' for p, w in specs)} into {out}")
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .studio import AdapterChoice, AdapterFiles, GenerationRequest, Limits, Studio
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .studio import AdapterChoice, AdapterFiles, GenerationRequest, Limits, Studio, check_request
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"The output must be a .png file, got {out.name}.")
+        raise ValueError(f"The output must be a .png file, got {out.name}; rename it.")
     specs = [parse_weighted(s) for s in args.adapter]
-    files = AdapterFiles([p for p, _ in specs])  # checks the paths before the model loads
+    files = AdapterFiles([p for p, _ in specs])  # .safetensors files, distinct names
     size = args.size or (TOY_SIZE if args.base is None else 1024)
-    studio = Studio(_load_pipeline(args.base, args.dtype), files, base_name=args.base or "toy-sdxl", limits=Limits())
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         width=args.width or size, height=args.height or size, scheduler=args.scheduler, seed=args.seed,
         adapters=[AdapterChoice(Path(p).stem, w) for p, w in specs],
     )  # fmt: skip
+    limits = Limits()
+    check_request(request, limits)
+    base = _base_dir(args.base)
+    if specs:
+        _read_adapters(specs, base)
+    studio = Studio(_load_pipeline(base, args.dtype), files, base_name=args.base or "toy-sdxl", limits=limits)
     result = studio.generate(request)
     if result.errors:
         raise ValueError("; ".join(f"{name}: {why}" for name, why in result.errors.items()))
@@ -108,11 +161,15 @@ def cmd_generate(args) -> int:
 
 
 def adapter_summary(path: str | Path) -> dict:
+    """What ``gralora inspect`` shows, as a JSON-able dict."""
+    from .export import lossless_ranks
     from .io import read_adapter
 
+    path = Path(path)
     adapter = read_adapter(path)
     components = {}
     for component, config in adapter.configs.items():
+        ranks = [rank for rank, _, _ in lossless_ranks(adapter, component).values()]
         components[component] = {
             "target_modules": len(adapter.module_names(component)),
             "r": config.r,
@@ -120,10 +177,12 @@ def adapter_summary(path: str | Path) -> dict:
             "alpha": config.alpha,
             "hybrid_r": config.hybrid_r,
             "parameters": sum(t.numel() for t in adapter.state_dicts[component].values()),
+            "exact_lora_rank": max(ranks),
         }
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return {
         "file": str(path),
-        "size_bytes": Path(path).stat().st_size,
+        "size_bytes": sum(p.stat().st_size for p in files),
         "base_model": adapter.base_model,
         "trigger_prompt": adapter.metadata.get("trigger_prompt", ""),
         "steps": adapter.metadata.get("steps", ""),
@@ -132,7 +191,7 @@ def adapter_summary(path: str | Path) -> dict:
     }
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     info = adapter_summary(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -144,7 +203,7 @@ def cmd_inspect(args) -> int:
     for name, c in info["components"].items():
         print(
             f"  {name:<15} {c['target_modules']:>4} modules  r={c['r']} k={c['k']} alpha={c['alpha']:g} "
-            f"hybrid_r={c['hybrid_r']}  {c['parameters']:,} parameters"
+            f"hybrid_r={c['hybrid_r']}  {c['parameters']:,} parameters  lossless LoRA rank {c['exact_lora_rank']}"
         )
     return 0
 
@@ -153,31 +212,54 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gralora", description="GraLoRA adapters: export, merge, generate, inspect.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``gralora`` argument parser with its four subcommands."""
+    parser = _Parser(prog="gralora", description="GraLoRA adapters: export, merge, generate, inspect.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,merge,generate,inspect}")
 
-    p = sub.add_parser("export", help="write the adapter as an ordinary LoRA (diffusers or kohya/webui keys)")
+    p = sub.add_parser(
+        "export",
+        help="write the adapter as an ordinary LoRA (diffusers or kohya/webui keys)",
+        description="Write a GraLoRA adapter as an ordinary LoRA: lossless (--exact, rank k*r + hybrid_r) or "
+        "SVD-truncated (--rank, --energy). Prints per component the rank and the relative Frobenius error of the "
+        "delta.",
+    )
     p.add_argument("adapter", help="GraLoRA .safetensors file")
-    p.add_argument("--to", choices=["diffusers", "kohya"], default="diffusers", help="key layout (default diffusers)")
+    p.add_argument(
+        "--to", choices=["diffusers", "kohya"], default="diffusers",
+        help="key layout: diffusers (pipe.load_lora_weights) or kohya (AUTOMATIC1111, ComfyUI); default diffusers",
+    )  # fmt: skip
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, help="the same LoRA rank for every layer (SVD truncation)")
-    how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the energy")
+    how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share (0-1] of the energy")
     how.add_argument("--exact", action="store_true", help="the lossless rank k*r + hybrid_r (capped by the layer)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors")
-    p.add_argument("--layers_per_block", type=int, default=None, help="kohya names: the UNet's layers_per_block")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--base", default=None,
+        help="the adapter's base (diffusers folder or hub id): checks the adapter fits and names kohya UNet blocks by "
+        "its config; default: the adapter's recorded base if available offline, else SDXL's layout",
+    )  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="tensor dtype")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("merge", help="fuse adapters into the base and save a plain diffusers pipeline folder")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]")
-    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the offline toy base)")
+    p = sub.add_parser(
+        "merge",
+        help="fuse adapters into the base and save a plain diffusers pipeline folder",
+        description="Fuse adapters at the given weights into the base and save the pipeline (save_pretrained, "
+        "safetensors); from_pretrained loads it with no adapter code.",
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="GraLoRA files, weight 1 by default")
+    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the offline toy SDXL base)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("generate", help="one image with adapters blended, settings in the PNG text chunk")
-    p.add_argument("--base", default=None)
-    p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]")
+    p = sub.add_parser(
+        "generate",
+        help="one image with adapters blended, settings in the PNG text chunk",
+        description="Generate one image (the scripted twin of the app); the settings go into the PNG text chunk.",
+    )
+    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the offline toy SDXL base)")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeat for several")
     p.add_argument("--prompt", required=True, help="may contain <gralora:NAME:WEIGHT> tags naming given adapters")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -187,24 +269,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--scheduler", default="Euler")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU")
     p.add_argument("-o", "--output", required=True, help="output .png")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("inspect", help="what an adapter file holds")
-    p.add_argument("adapter")
+    p = sub.add_parser("inspect", help="what an adapter file holds", description="Show what a GraLoRA file holds.")
+    p.add_argument("adapter", help="GraLoRA .safetensors file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
     return parser
 
 
+@contextmanager
+def _quiet_libraries():
+    """Silence diffusers' and transformers' progress bars and transformers' notices while a command runs: stderr
+    is kept for this command's own error line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    silenced = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in silenced:
+        lib.disable_progress_bar()
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        for lib in silenced:
+            lib.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gralora`` command; returns the exit status (0, or 2 for bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, OSError) as err:  # our errors are ValueError subclasses with one clear sentence
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with _quiet_libraries():
+            return args.func(args)
+    except (ValueError, OSError) as err:  # the package's errors are ValueErrors with one clear sentence
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -4,10 +4,21 @@ A GraLoRA delta of rank r with k blocks (plus hybrid_r) has rank at most k*r + h
 that rank with no loss (``exact``), or an SVD-truncated one of a smaller rank (``rank=N``) or of the smallest rank
 keeping a share of the singular-value energy (``energy=0.99``). The SVD is PEFT's own
 (``peft.tuners.lora.conversion.convert_to_lora``), run on PEFT GraLoRA layers rebuilt from the file around base layers
-that take no memory, so no base model is needed and nothing of the base is allocated.
+that take no memory, so no base weights are needed. What PEFT's API does not offer is added here: the lossless rank
+per layer (layers are grouped by it, one ``convert_to_lora`` call per group) and the error of what is written (each
+layer's dense delta compared with the exported ``B @ A`` in the output dtype).
 
-Two key layouts: diffusers/PEFT (``unet.<module>.lora_A.weight``) and kohya/webui (``lora_unet_<SGM block
-path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, ``lora_te1_...``, ``lora_te2_...``).
+Two key layouts:
+
+* ``diffusers``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (and ``text_encoder.``, ``text_encoder_2.``),
+  scale 1, with diffusers' ``lora_adapter_metadata`` so layers of different ranks keep scale 1 in every diffusers
+  version that reads it;
+* ``kohya`` (AUTOMATIC1111, ComfyUI, sd-scripts): ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha`` (scale 1: alpha = rank where ranks are uniform, see ``lora_tensors``), ``lora_te1_`` / ``lora_te2_``
+  for SDXL's text encoders. SDXL UNet modules are
+  named as in the original (LDM/SGM) UNet, e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``; the
+  block numbering is derived from the UNet config (``SgmNaming``); SD 1.x keeps diffusers' module names and
+  ``lora_te_``, as kohya's SD 1.x scripts do.
 """
 
 from __future__ import annotations
@@ -16,8 +27,13 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from peft import GraloraConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -25,20 +41,41 @@ from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import CLIP_PREFIX, check_fits_pipeline
+from .config import COMPONENTS
 from .io import AdapterFile, _atomic_write, read_adapter
 from .layers import gralora_layers
+
+LAYOUTS = ("diffusers", "kohya")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The block layout of SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): used for kohya names
+# when neither --base nor the adapter's recorded base can be read.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
 
 
 class ExportError(ValueError):
     """The export cannot be done as asked; the message says why and what to do."""
 
 
+class NotInUNetLayout(ExportError):
+    """A UNet module has no place in the UNet layout the kohya names are derived from (another base model)."""
+
+
 @dataclass
 class ComponentReport:
+    """How well one component's LoRA reproduces its GraLoRA delta."""
+
     component: str
     layers: int
     ranks: list[int]  # the LoRA rank of each layer
-    relative_error: float  # ||sum D - B A||_F / ||D||_F over the component's layers
+    relative_error: float  # sqrt(sum ||D - B A||_F^2 / sum ||D||_F^2) over the component's layers
+    worst_layer_error: float  # max over layers of ||D - B A||_F / ||D||_F
 
     @property
     def rank_text(self) -> str:
@@ -46,8 +83,19 @@ class ComponentReport:
         return str(low) if low == high else f"{low}-{high}"
 
 
+@dataclass
+class ExportResult:
+    path: Path
+    layout: str
+    components: list[ComponentReport]
+    unet_naming: str = ""  # kohya only: which UNet config the block names were derived from
+
+
+# --- GraLoRA -> LoRA factors ---------------------------------------------------------------------------------------
+
+
 def _rebuild(adapter: AdapterFile, component: str, modules: list[str]) -> nn.Module:
-    """A module tree with meta-device Linear layers at ``modules`` carrying the component's PEFT GraLoRA adapter."""
+    """A module tree with stand-in Linear layers at ``modules`` carrying the component's PEFT GraLoRA adapter."""
     sd = adapter.state_dicts[component]
     root = nn.Module()
     for name in modules:
@@ -73,8 +121,8 @@ def _rebuild(adapter: AdapterFile, component: str, modules: list[str]) -> nn.Mod
     return root
 
 
-def _layer_ranks(adapter: AdapterFile, component: str) -> dict[str, tuple[int, int, int]]:
-    """Per module: (lossless rank, in, out)."""
+def lossless_ranks(adapter: AdapterFile, component: str) -> dict[str, tuple[int, int, int]]:
+    """Per adapted module of ``component``: (lossless LoRA rank min(k*r + hybrid_r, in, out), in, out)."""
     cfg = adapter.configs[component]
     sd = adapter.state_dicts[component]
     out = {}
@@ -85,163 +133,412 @@ def _layer_ranks(adapter: AdapterFile, component: str) -> dict[str, tuple[int, i
     return out
 
 
+def _check_method(rank: int | None, energy: float | None, exact: bool) -> None:
+    if sum((rank is not None, energy is not None, bool(exact))) != 1:
+        raise ExportError("Choose exactly one of --rank N, --energy F or --exact.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ExportError(f"--rank must be a positive integer, got {rank}; use a rank of 1 or more, or --exact.")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise ExportError(f"--energy must be in (0, 1], got {energy}; e.g. --energy 0.99 keeps 99% of the energy.")
+
+
 def to_lora(
     adapter: AdapterFile | str | os.PathLike,
     *,
     rank: int | None = None,
     energy: float | None = None,
     exact: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], list[ComponentReport]]:
-    """Per component and module, LoRA factors (A [r, in], B [out, r]) with the scale baked in, and an error report.
+    """Per component and module, LoRA factors (A [rank, in], B [out, rank], scale baked in, in ``dtype``) and a
+    report of the relative Frobenius error of ``B @ A`` against the GraLoRA delta, measured on the ``dtype`` factors.
 
-    Exactly one of ``rank`` (the same rank everywhere), ``energy`` (share of squared singular values kept, per layer)
-    or ``exact`` (the lossless rank k*r + hybrid_r, capped by the layer's size) must be given.
+    Exactly one of ``rank`` (the same rank everywhere), ``energy`` (per layer, the smallest rank keeping this share of
+    the squared singular values) or ``exact`` (the lossless rank k*r + hybrid_r, capped by the layer's size).
     """
+    _check_method(rank, energy, exact)
     if not isinstance(adapter, AdapterFile):
         adapter = read_adapter(adapter)
-    if sum(x is not None and x is not False for x in (rank, energy, exact)) != 1:
-        raise ExportError("Choose exactly one of --rank N, --energy F or --exact.")
-    if rank is not None and rank < 1:
-        raise ExportError(f"--rank must be at least 1, got {rank}.")
-    if energy is not None and not 0 < energy <= 1:
-        raise ExportError(f"--energy must be in (0, 1], got {energy}.")
+    layer_ranks = {component: lossless_ranks(adapter, component) for component in adapter.components}
+    if rank is not None:
+        for component, layers in layer_ranks.items():
+            for name, (_, in_f, out_f) in layers.items():
+                if rank > min(in_f, out_f):
+                    raise ExportError(
+                        f"--rank {rank} is larger than {component}.{name} ({out_f} x {in_f}); use at most "
+                        f"{min(in_f, out_f)}, or --exact."
+                    )
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     reports = []
-    for component in adapter.components:
-        layers = _layer_ranks(adapter, component)
-        if rank is not None:
-            too_small = [(n, i, o) for n, (_, i, o) in layers.items() if rank > min(i, o)]
-            if too_small:
-                name, i, o = too_small[0]
-                raise ExportError(
-                    f"--rank {rank} is larger than {component}.{name} ({o} x {i}); use at most {min(i, o)} or --exact."
-                )
-            groups = {rank: list(layers)}
-        elif exact:
-            groups: dict = {}
-            for name, (lossless, _, _) in layers.items():
-                groups.setdefault(lossless, []).append(name)
-        else:
-            groups = {float(energy): list(layers)}
+    for component, layers in layer_ranks.items():
+        groups: dict[int | float, list[str]] = {}
+        for name, (lossless, _, _) in layers.items():
+            key = rank if rank is not None else lossless if exact else float(energy)
+            groups.setdefault(key, []).append(name)
         factors[component] = {}
-        errors: list[tuple[float, float]] = []  # (||D - BA||^2, ||D||^2) per layer
+        errors: dict[str, tuple[float, float]] = {}  # module -> (||D - BA||^2, ||D||^2)
         for group_rank, modules in groups.items():
             root = _rebuild(adapter, component, modules)
             _, lora_sd = convert_to_lora(root, group_rank)
-            for name in modules:
-                a = lora_sd[f"{name}.lora_A.weight"]
-                b = lora_sd[f"{name}.lora_B.weight"]
-                factors[component][name] = (a.contiguous(), b.contiguous())
             for name, layer in gralora_layers(root):
-                delta = layer.get_delta_weight("default").float()
-                a, b = factors[component][name]
-                errors.append((torch.sum((delta - b.float() @ a.float()) ** 2).item(), torch.sum(delta**2).item()))
-        num, den = sum(e for e, _ in errors), sum(d for _, d in errors)
+                a = lora_sd[f"{name}.lora_A.weight"].to(dtype).contiguous()
+                b = lora_sd[f"{name}.lora_B.weight"].to(dtype).contiguous()
+                factors[component][name] = (a, b)
+                delta = layer.get_delta_weight("default").double()
+                residual = delta - b.double() @ a.double()
+                errors[name] = (residual.square().sum().item(), delta.square().sum().item())
+        num, den = sum(e for e, _ in errors.values()), sum(d for _, d in errors.values())
         reports.append(
             ComponentReport(
                 component=component,
                 layers=len(layers),
                 ranks=[factors[component][n][0].shape[0] for n in layers],
                 relative_error=math.sqrt(num / den) if den else 0.0,
+                worst_layer_error=max((math.sqrt(e / d) if d else 0.0) for e, d in errors.values()),
             )
         )
+        factors[component] = {n: factors[component][n] for n in layers}  # module order, not group order
     return factors, reports
 
 
-# --- key layouts -------------------------------------------------------------------------------------------------
+# --- kohya names -----------------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)")
+_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+# Linear layers outside the blocks, diffusers -> SGM (time embedding MLP; SDXL's added-conditioning MLP).
+_SGM_EMBEDDINGS = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+# The one linear layer of a ResnetBlock2D (GraLoRA adapts linear layers only).
+_SGM_RESNET_LINEARS = {"time_emb_proj": "emb_layers.1"}
 
 
-def diffusers_to_sgm(module: str, layers_per_block: int) -> str:
-    """A diffusers UNet module path in SDXL's original (SGM/LDM) block naming, as kohya and A1111 expect.
+@dataclass(frozen=True)
+class SgmNaming:
+    """Diffusers UNet module paths in the original (LDM/SGM) UNet's naming, which kohya's SDXL scripts and A1111 use.
 
-    down_blocks.i.attentions.j -> input_blocks.(1 + i*(L+1) + j).1, mid_block.attentions.0 -> middle_block.1,
-    up_blocks.i.attentions.j -> output_blocks.(i*(L+1) + j).1, with L = layers_per_block (2 on SDXL).
+    The SGM UNet numbers its blocks in flat lists: ``input_blocks`` = conv_in, then per down block its layers
+    (resnet ``.0`` + attention ``.1``) and, except after the last block, a downsampler; ``middle_block`` = resnet,
+    attention, resnet; ``output_blocks`` = per up block its layers (layers_per_block + 1, the upsampler inside the
+    last). The numbering is derived from the UNet config (``from_unet_config``), so a small UNet and SDXL's map by the
+    same rule.
     """
-    stride = layers_per_block + 1
-    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", module)
-    if m:
-        return f"input_blocks.{1 + int(m.group(1)) * stride + int(m.group(2))}.1.{m.group(3)}"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", module)
-    if m:
-        return f"middle_block.1.{m.group(1)}"
-    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", module)
-    if m:
-        return f"output_blocks.{int(m.group(1)) * stride + int(m.group(2))}.1.{m.group(3)}"
-    raise ExportError(f"No kohya name for UNet module {module!r}: only transformer (attention) blocks are mapped.")
+
+    down_layers: tuple[int, ...]  # layers (resnets) per down block
+    down_attention: tuple[bool, ...]
+    up_layers: tuple[int, ...]  # layers per up block
+    up_attention: tuple[bool, ...]
+    mid_attention: bool
+
+    @classmethod
+    def from_unet_config(cls, config: Mapping[str, Any]) -> SgmNaming:
+        down_types = tuple(config["down_block_types"])
+        up_types = tuple(config["up_block_types"])
+        per_block = config.get("layers_per_block", 2)
+        down = (per_block,) * len(down_types) if isinstance(per_block, int) else tuple(per_block)
+        return cls(
+            down_layers=down,
+            down_attention=tuple("Attn" in t for t in down_types),
+            up_layers=tuple(n + 1 for n in reversed(down)),
+            up_attention=tuple("Attn" in t for t in up_types),
+            mid_attention="Attn" in str(config.get("mid_block_type", "UNetMidBlock2DCrossAttn")),
+        )
+
+    def name(self, module: str) -> str:
+        """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``input_blocks.4.1.transformer_...``
+        (on SDXL); raises ``ExportError`` for a module this UNet layout does not have."""
+        if module in _SGM_EMBEDDINGS:
+            return _SGM_EMBEDDINGS[module]
+        m = _BLOCK.fullmatch(module)
+        if m:
+            side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            layers, attention = (
+                (self.down_layers, self.down_attention) if side == "down" else (self.up_layers, self.up_attention)
+            )
+            if i >= len(layers) or j >= layers[i] or (kind == "attentions" and not attention[i]):
+                raise NotInUNetLayout(f"UNet module {module!r} does not exist in the UNet")
+            if side == "down":
+                block = f"input_blocks.{1 + sum(n + 1 for n in layers[:i]) + j}"
+            else:
+                block = f"output_blocks.{sum(layers[:i]) + j}"
+            return f"{block}.{self._inner(module, kind, rest)}"
+        m = _MID.fullmatch(module)
+        if m:
+            kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+            index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}.get((kind, j))
+            if index is None or (kind == "attentions" and not self.mid_attention):
+                raise NotInUNetLayout(f"UNet module {module!r} does not exist in the UNet")
+            return f"middle_block.{index}.{self._inner(module, kind, rest, mid=True)}"
+        raise ExportError(
+            f"UNet module {module!r} has no kohya name (mapped: attention blocks, resnet time projections, time and "
+            "added-condition embeddings)"
+        )
+
+    @staticmethod
+    def _inner(module: str, kind: str, rest: str, mid: bool = False) -> str:
+        if kind == "attentions":
+            return rest if mid else f"1.{rest}"
+        if rest not in _SGM_RESNET_LINEARS:
+            raise ExportError(f"UNet module {module!r} has no kohya name (in a resnet only time_emb_proj is linear)")
+        return _SGM_RESNET_LINEARS[rest] if mid else f"0.{_SGM_RESNET_LINEARS[rest]}"
 
 
-def infer_layers_per_block(adapter: AdapterFile, default: int = 2) -> int:
-    """The UNet's layers_per_block read off the adapted module names (up blocks hold layers_per_block + 1
-    attentions), else the recorded ``unet_layers_per_block`` metadata, else SDXL's 2."""
-    if "unet_layers_per_block" in adapter.metadata:
-        return int(adapter.metadata["unet_layers_per_block"])
-    if "unet" not in adapter.state_dicts:
-        return default
-    up = [
-        int(m.group(1))
-        for n in adapter.module_names("unet")
-        if (m := re.match(r"up_blocks\.\d+\.attentions\.(\d+)\.", n))
-    ]
-    return max(up) if up else default
+def kohya_prefix(component: str, family: str) -> str:
+    """``lora_unet`` / ``lora_te1`` / ``lora_te2`` on SDXL, ``lora_te`` for SD 1.x's single text encoder."""
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    if family == "sd1":
+        prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    if component not in prefixes:
+        raise ExportError(f"The kohya layout has no name for component {component!r}; export with --to diffusers.")
+    return prefixes[component]
 
 
-def kohya_key(component: str, module: str, layers_per_block: int) -> str:
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}.get(component)
-    if prefix is None:
-        raise ExportError(f"The kohya layout has no name for component {component!r}; use --to diffusers.")
-    path = diffusers_to_sgm(module, layers_per_block) if component == "unet" else module
+def kohya_module_name(component: str, module: str, naming: SgmNaming | None, family: str = "sdxl") -> str:
+    """The kohya LoRA name of an adapted module, e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``
+    or ``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``. ``naming`` (SDXL only) maps UNet blocks."""
+    prefix = kohya_prefix(component, family)
+    if component == "unet":
+        path = naming.name(module) if family == "sdxl" and naming is not None else module
+    else:
+        path = module if module.startswith(CLIP_PREFIX) else CLIP_PREFIX + module
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-def lora_state_dict(
-    factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], layout: str, layers_per_block: int = 2
+# --- the base model's layout -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseLayout:
+    """What an export needs to know of the base: where it came from, its UNet config and its family."""
+
+    source: str
+    unet_config: Mapping[str, Any] | None
+    family: str = "sdxl"  # "sdxl" (two text encoders, SGM names) or "sd1"
+    models: dict[str, nn.Module] = field(default_factory=dict)  # meta-device skeletons, for the shape check
+
+
+def base_skeleton(base: str | os.PathLike, *, local_files_only: bool = False) -> dict[str, nn.Module]:
+    """The adaptable models of a diffusers pipeline (UNet / transformer, text encoders), built from their configs on
+    the meta device: module names and shapes, with no weights read or allocated."""
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    text = str(base)
+    if not Path(text).exists() and (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1):
+        raise ExportError(f"The base model folder {base} does not exist; give a diffusers pipeline folder or a hub id.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hub-client deprecation chatter about download options
+            index = DiffusionPipeline.load_config(text, local_files_only=local_files_only)
+        models = {}
+        for component in COMPONENTS:
+            library, class_name = (index.get(component) or [None, None])[:2]
+            cls = getattr({"diffusers": diffusers, "transformers": transformers}.get(library), class_name or "", None)
+            if cls is None:
+                continue
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if library == "diffusers":
+                    config = cls.load_config(text, subfolder=component, local_files_only=local_files_only)
+                    models[component] = cls.from_config(config)
+                else:
+                    config = cls.config_class.from_pretrained(
+                        text, subfolder=component, local_files_only=local_files_only
+                    )
+                    models[component] = cls(config)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(
+            f"Cannot read the base model {base} ({first}); give a diffusers pipeline folder or a downloaded hub id."
+        ) from None
+    if not models:
+        raise ExportError(f"{base} has no UNet, transformer or text encoder; give a diffusers pipeline folder.")
+    return models
+
+
+def check_fits_base(adapter: AdapterFile, models: Mapping[str, nn.Module]) -> None:
+    """Raise (one sentence) if an adapted module is missing from the base or has other shapes there."""
+    check_fits_pipeline(SimpleNamespace(**models), adapter)
+
+
+def _layout_from_models(source: str, models: dict[str, nn.Module]) -> BaseLayout:
+    unet = models.get("unet")
+    unet_config = dict(unet.config) if unet is not None else None
+    sdxl = "text_encoder_2" in models or (unet_config or {}).get("addition_embed_type") == "text_time"
+    return BaseLayout(source, unet_config, "sdxl" if sdxl else "sd1", models)
+
+
+def _toy_models(model_id: str) -> dict[str, nn.Module] | None:
+    """The models of a toy base named by its id (built in memory, in milliseconds), else None."""
+    from .adapters import pipeline_components
+    from .toy import TOY_BASE_MODEL_ID, TOY_SD15_MODEL_ID, build_toy_sd15_pipeline, build_toy_sdxl_pipeline
+
+    builders = {TOY_BASE_MODEL_ID: build_toy_sdxl_pipeline, TOY_SD15_MODEL_ID: build_toy_sd15_pipeline}
+    return pipeline_components(builders[model_id](0)) if model_id in builders else None
+
+
+def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
+    """The base whose layout names the export: ``base`` if given, else the adapter's recorded base if it can be read
+    offline (a toy id gives the toy base), else SDXL's published UNet layout. The adapter is checked against a base
+    that could be read (module names and shapes)."""
+    if base is not None:
+        models = base_skeleton(base)
+        source = str(base)
+    else:
+        recorded = adapter.base_model
+        models, source = None, f"the recorded base {recorded}"
+        if recorded:
+            models = _toy_models(recorded)
+            if models is None:
+                try:
+                    models = base_skeleton(recorded, local_files_only=True)
+                except ExportError:
+                    models = None
+        if models is None:
+            return BaseLayout("SDXL (built-in layout; pass --base to read another)", SDXL_UNET_CONFIG, "sdxl")
+    check_fits_base(adapter, models)
+    return _layout_from_models(source, models)
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+
+
+def kohya_names(adapter: AdapterFile, layout: BaseLayout) -> dict[tuple[str, str], str]:
+    """(component, module) -> kohya name for every adapted module; raises before anything is computed or written."""
+    naming = SgmNaming.from_unet_config(layout.unet_config) if layout.unet_config else None
+    if naming is None and "unet" in adapter.components and layout.family == "sdxl":
+        raise ExportError(f"{layout.source} has no UNet config to name the UNet blocks by; pass --base.")
+    names = {}
+    for component in adapter.components:
+        kohya_prefix(component, layout.family)
+        for module in adapter.module_names(component):
+            try:
+                names[component, module] = kohya_module_name(component, module, naming, layout.family)
+            except NotInUNetLayout as err:
+                raise ExportError(
+                    f"{adapter.source}: {err} of {layout.source}, so the adapter was made for another base; "
+                    "pass the adapter's base model with --base."
+                ) from None
+            except ExportError as err:
+                raise ExportError(f"{adapter.source}: {err}; export with --to diffusers instead.") from None
+    clashes = [n for n, c in Counter(names.values()).items() if c > 1]
+    if clashes:
+        raise ExportError(f"Two modules share the kohya name {clashes[0]!r}; export with --to diffusers.")
+    return names
+
+
+def diffusers_metadata(factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, Any]:
+    """diffusers' ``lora_adapter_metadata``: per component the LoRA config (r, alpha = r, rank/alpha patterns for
+    layers of another rank), so scale stays 1 in every layer. Text-encoder names drop ``text_model.`` so they match
+    CLIP with and without that wrapper (PEFT matches patterns as name suffixes)."""
+    meta: dict[str, Any] = {}
+    for component, modules in factors.items():
+        strip = CLIP_PREFIX if component.startswith("text_encoder") else ""
+        ranks = {m.removeprefix(strip) if strip else m: a.shape[0] for m, (a, _) in modules.items()}
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {m: r for m, r in ranks.items() if r != common}
+        meta.update(
+            {
+                f"{component}.r": common,
+                f"{component}.lora_alpha": common,
+                f"{component}.rank_pattern": pattern,
+                f"{component}.alpha_pattern": dict(pattern),
+                f"{component}.target_modules": sorted(ranks),
+            }
+        )
+    return meta
+
+
+def lora_tensors(
+    factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+    layout: str,
+    names: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Flat LoRA tensors in the ``diffusers`` or ``kohya`` layout (scale 1: alpha = rank)."""
+    """Flat LoRA tensors in the ``diffusers`` or ``kohya`` layout; every loader computes ``B @ A`` (scale 1).
+
+    kohya: ``.alpha`` is the component's most common rank, so it equals the rank wherever the ranks are uniform
+    (``--rank``, and ``--exact`` on a uniform model). A layer of another rank (``--energy``) keeps that alpha and
+    carries rank/alpha in its up factor: A1111, ComfyUI and sd-scripts scale each layer by its own alpha/rank, while
+    diffusers' kohya loader uses one alpha per component and mis-scales files whose alphas differ between layers.
+    """
     out = {}
     for component, modules in factors.items():
-        for module, (a, b) in modules.items():
-            if layout == "diffusers":
+        if layout == "diffusers":
+            for module, (a, b) in modules.items():
                 out[f"{component}.{module}.lora_A.weight"] = a
                 out[f"{component}.{module}.lora_B.weight"] = b
-            elif layout == "kohya":
-                key = kohya_key(component, module, layers_per_block)
-                out[f"{key}.lora_down.weight"] = a
-                out[f"{key}.lora_up.weight"] = b
-                out[f"{key}.alpha"] = torch.tensor(float(a.shape[0]))
-            else:
-                raise ExportError(f"Unknown layout {layout!r}; use diffusers or kohya.")
+            continue
+        alpha = Counter(a.shape[0] for a, _ in modules.values()).most_common(1)[0][0]
+        for module, (a, b) in modules.items():
+            key = names[component, module]
+            out[f"{key}.lora_down.weight"] = a
+            out[f"{key}.lora_up.weight"] = b if a.shape[0] == alpha else (b.double() * (a.shape[0] / alpha)).to(b.dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=a.dtype)
     return out
 
 
 def export_lora(
-    adapter_path: str | os.PathLike,
+    adapter: AdapterFile | str | os.PathLike,
     out_path: str | os.PathLike,
     layout: str = "diffusers",
     *,
     rank: int | None = None,
     energy: float | None = None,
     exact: bool = False,
-    layers_per_block: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> list[ComponentReport]:
-    """Write the adapter at ``adapter_path`` as a LoRA ``.safetensors`` (atomically); return the per-component report.
+    base: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> ExportResult:
+    """Write ``adapter`` as a LoRA ``.safetensors`` in ``layout`` (``diffusers`` or ``kohya``); return the report.
 
-    ``layers_per_block`` (kohya only) defaults to what the adapter's module names show (``infer_layers_per_block``).
+    ``base`` (a diffusers folder or hub id) checks that the adapter fits it and, for kohya, names the UNet blocks by
+    its config; without it the adapter's recorded base is used if readable offline, else SDXL's layout. Every check
+    runs before the SVD; the file is written under a temporary name and renamed, so it is never half-written.
     """
     out_path = Path(out_path)
+    if layout not in LAYOUTS:
+        raise ExportError(f"Unknown layout {layout!r}; use diffusers or kohya.")
     if out_path.suffix != ".safetensors":
-        raise ExportError(f"The output must end in .safetensors, got {out_path.name}.")
-    adapter = read_adapter(adapter_path)
-    factors, reports = to_lora(adapter, rank=rank, energy=energy, exact=exact)
-    lpb = layers_per_block or infer_layers_per_block(adapter)
-    tensors = {k: v.to(dtype).contiguous() for k, v in lora_state_dict(factors, layout, lpb).items()}
+        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ExportError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    _check_method(rank, energy, exact)
+    if not isinstance(adapter, AdapterFile):
+        source = Path(adapter)
+        if source.exists() and out_path.exists() and out_path.resolve() == source.resolve():
+            raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
+        adapter = read_adapter(source)
+    names = None
+    naming_source = ""
+    if layout == "kohya":
+        base_layout = resolve_base_layout(adapter, base)
+        names = kohya_names(adapter, base_layout)
+        naming_source = base_layout.source
+    elif base is not None:
+        check_fits_base(adapter, base_skeleton(base))
+    factors, reports = to_lora(adapter, rank=rank, energy=energy, exact=exact, dtype=dtype)
+    tensors = lora_tensors(factors, layout, names)
     metadata = {
+        "format": "pt",
         "source": "gralora-diffusion export",
-        "gralora_adapter": Path(adapter_path).name,
+        "gralora_adapter": Path(adapter.source).name,
         "base_model": adapter.base_model,
         "ranks": json.dumps({r.component: r.rank_text for r in reports}),
+        "relative_errors": json.dumps({r.component: r.relative_error for r in reports}),
     }
-    if layout == "kohya":
-        metadata["ss_network_module"] = "networks.lora"
+    if layout == "diffusers":
+        metadata["lora_adapter_metadata"] = json.dumps(diffusers_metadata(factors), sort_keys=True)
+    else:
+        ranks = {rk for r in reports for rk in r.ranks}
+        dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim})
+    for key in ("trigger_prompt", "steps"):
+        if adapter.metadata.get(key):
+            metadata[key] = adapter.metadata[key]
     _atomic_write(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return reports
+    return ExportResult(out_path, layout, reports, naming_source)

@@ -1,216 +1,359 @@
-"""LoRA export and the gralora command line, checked against diffusers' own LoRA loader and dense deltas."""
+"""LoRA export, checked against diffusers' own LoRA loaders, dense deltas computed here and SVDs of them."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import subprocess
-import sys
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
 from conftest import explicit_gralora_delta, make_adapter_file, text_out, unet_out
-from PIL import Image
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import gralora_diffusion as gd
-from gralora_diffusion import cli
-from gralora_diffusion.export import diffusers_to_sgm, export_lora
-from gralora_diffusion.toy import build_toy_sdxl_pipeline, save_toy_sdxl_pipeline
+from gralora_diffusion import export
+from gralora_diffusion.adapters import resolve_module_name
+from gralora_diffusion.config import UNET_WIDE_TARGETS
+from gralora_diffusion.export import SDXL_UNET_CONFIG, ExportError, SgmNaming, export_lora, kohya_module_name
+from gralora_diffusion.toy import build_toy_sd15_pipeline, build_toy_sdxl_pipeline
+
+# Every kind of linear layer of an SDXL UNet: attention blocks, resnet time projections, time / added embeddings.
+ALL_UNET_LINEARS = [*UNET_WIDE_TARGETS, "time_emb_proj", "linear_1", "linear_2"]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @pytest.fixture
-def wide_adapter(tmp_path):
-    """r=16, k=4 on the wide UNet preset and both text encoders: exact rank 64, capped at 32 on the text encoders."""
-    return make_adapter_file(tmp_path / "wide.safetensors", seed=4, rank=16, gralora_k=4, unet_targets="unet-wide",
-                             b_scale=0.2)  # fmt: skip
+def hybrid_adapter(tmp_path):
+    """r=8, k=4, hybrid_r=4 on every UNet linear and both text encoders: lossless rank 36, capped at 32 on the
+    32-wide layers, so one component mixes ranks 32 and 36."""
+    return make_adapter_file(
+        tmp_path / "hybrid.safetensors", seed=4, rank=8, gralora_k=4, hybrid_r=4, unet_targets=ALL_UNET_LINEARS,
+        b_scale=0.2,
+    )  # fmt: skip
 
 
-def gralora_pipe(path, weight=1.0):
-    pipe = build_toy_sdxl_pipeline(0)
+@contextmanager
+def diffusers_messages():
+    """Everything diffusers logs (its logger does not propagate, so caplog would miss it) and every Python warning."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records
+        records += [str(w.message) for w in caught if "torchvision" not in str(w.message)]
+    finally:
+        logger.removeHandler(handler)
+
+
+def gralora_pipe(path, builder=build_toy_sdxl_pipeline):
+    pipe = builder(0)
     gd.load_gralora_weights(pipe, path)
-    gd.set_gralora_adapters(pipe, [path.stem], weight)
     return pipe
 
 
-def lora_pipe(path, caplog):
-    pipe = build_toy_sdxl_pipeline(0)
-    with caplog.at_level(logging.WARNING):
+def lora_pipe(path, builder=build_toy_sdxl_pipeline):
+    """The toy pipeline with the LoRA file loaded by diffusers' own ``load_lora_weights``; fails on any warning."""
+    pipe = builder(0)
+    with diffusers_messages() as messages:
         pipe.load_lora_weights(str(path))
-    problems = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage().lower()]
-    assert not problems, problems
+    assert messages == []
     return pipe
+
+
+def dense_pipe(lora: dict[str, torch.Tensor], modules: dict[str, tuple[str, str]] | None = None):
+    """The toy pipeline with every LoRA delta of a file added to its plain weights (no LoRA code involved).
+
+    Diffusers-layout keys name their module; kohya keys are looked up in ``modules`` (kohya name -> (component,
+    module)) and scaled by alpha / rank.
+    """
+    pipe = build_toy_sdxl_pipeline(0)
+    for key in [k for k in lora if k.endswith(("lora_A.weight", "lora_down.weight"))]:
+        if key.endswith("lora_A.weight"):
+            component, module = key.removesuffix(".lora_A.weight").split(".", 1)
+            a, b, scale = lora[key], lora[key.replace("lora_A", "lora_B")], 1.0
+        else:
+            name = key.removesuffix(".lora_down.weight")
+            component, module = modules[name]
+            a, b = lora[key], lora[f"{name}.lora_up.weight"]
+            scale = lora[f"{name}.alpha"].item() / a.shape[0]
+        named = dict(getattr(pipe, component).named_modules())
+        with torch.no_grad():
+            named[resolve_module_name(named, module)].weight += (scale * b.double() @ a.double()).float()
+    return pipe
+
+
+def toy_unet_config():
+    return build_toy_sdxl_pipeline(0).unet.config
+
+
+def reference_delta(adapter, component: str, module: str) -> torch.Tensor:
+    """The dense GraLoRA delta of one layer, written out block by block in conftest (not PEFT's code)."""
+    cfg, sd = adapter.configs[component], adapter.state_dicts[component]
+    return explicit_gralora_delta(
+        sd[f"{module}.gralora_A"],
+        sd[f"{module}.gralora_B"],
+        cfg.alpha / (cfg.r + cfg.hybrid_r),
+        sd.get(f"{module}.gralora_A_general.weight"),
+        sd.get(f"{module}.gralora_B_general.weight"),
+    )
+
+
+def layer_sizes(adapter, component: str, module: str) -> tuple[int, int]:
+    a, b = adapter.state_dicts[component][f"{module}.gralora_A"], adapter.state_dicts[component][f"{module}.gralora_B"]
+    return a.shape[0] * a.shape[1], b.shape[0] * b.shape[2]
+
+
+def kohya_file_modules(lora: dict[str, torch.Tensor], unet_config, pipeline_cls=StableDiffusionXLPipeline):
+    """Component -> diffusers module names of a kohya file, as diffusers' own kohya converter reads them."""
+    converted, _ = pipeline_cls.lora_state_dict(dict(lora), unet_config=unet_config)
+    out = {}
+    for component in ("unet", *TEXT_ENCODERS):
+        part = {k.removeprefix(f"{component}."): v for k, v in converted.items() if k.startswith(f"{component}.")}
+        if not part:
+            continue
+        if component == "unet":
+            peft_sd = convert_unet_state_dict_to_peft(part)
+        else:
+            peft_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        out[component] = {k.rsplit(".lora_", 1)[0] for k in peft_sd}
+    return out
+
+
+def assert_same_outputs(reference, other, base=None, tol: float = 1e-4) -> None:
+    for name, fn in (("unet", unet_out), *((te, lambda p, te=te: text_out(p, te)) for te in TEXT_ENCODERS)):
+        ref = fn(reference)
+        if base is not None:  # the adapter must change the output by far more than the tolerance
+            assert (ref - fn(base)).abs().max() > 100 * tol, f"{name}: the adapter changes nothing measurable"
+        assert (ref - fn(other)).abs().max() <= tol, name
+
+
+# --- exact export -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_exact_export_reproduces_outputs_in_diffusers(wide_adapter, tmp_path, caplog, layout):
+def test_exact_export_reproduces_the_adapter_in_diffusers(hybrid_adapter, tmp_path, layout):
     out = tmp_path / f"{layout}.safetensors"
-    reports = export_lora(wide_adapter, out, layout, exact=True)
-    assert all(r.relative_error < 1e-5 for r in reports)
-    assert {r.component: r.rank_text for r in reports} == {
-        "unet": "64",
-        "text_encoder": "32",
-        "text_encoder_2": "32",
+    result = export_lora(hybrid_adapter, out, layout, exact=True)
+    adapter = gd.read_adapter(hybrid_adapter)
+    for report in result.components:
+        cfg = adapter.configs[report.component]
+        expected = [
+            min(cfg.gralora_k * cfg.r + cfg.hybrid_r, *layer_sizes(adapter, report.component, m))
+            for m in adapter.module_names(report.component)
+        ]
+        assert report.ranks == expected
+        assert report.relative_error < 1e-5 and report.worst_layer_error < 1e-5
+    assert {r.component: set(r.ranks) for r in result.components} == {
+        "unet": {32, 36},
+        "text_encoder": {32},
+        "text_encoder_2": {32},
     }
-    ours, theirs = gralora_pipe(wide_adapter), lora_pipe(out, caplog)
-    assert (unet_out(ours) - unet_out(theirs)).abs().max() <= 1e-4
-    for te in ("text_encoder", "text_encoder_2"):
-        assert (text_out(ours, te) - text_out(theirs, te)).abs().max() <= 1e-4
+    assert_same_outputs(gralora_pipe(hybrid_adapter), lora_pipe(out), base=build_toy_sdxl_pipeline(0))
 
 
-def test_truncated_export_reports_the_error_it_makes(wide_adapter, tmp_path):
+# --- truncated export ------------------------------------------------------------------------------------------
+
+
+def test_truncated_export_reports_the_error_it_makes(hybrid_adapter, tmp_path):
     out = tmp_path / "r4.safetensors"
-    reports = {r.component: r for r in export_lora(wide_adapter, out, "diffusers", rank=4)}
+    reports = {r.component: r for r in export_lora(hybrid_adapter, out, "diffusers", rank=4).components}
     lora = load_file(str(out))
-    adapter = gd.read_adapter(wide_adapter)
+    adapter = gd.read_adapter(hybrid_adapter)
     for component, report in reports.items():
-        cfg = adapter.configs[component]
-        sd = adapter.state_dicts[component]
-        num = den = 0.0
+        num = den = best = 0.0
+        worst = 0.0
         for module in adapter.module_names(component):
-            delta = explicit_gralora_delta(sd[f"{module}.gralora_A"], sd[f"{module}.gralora_B"], cfg.alpha / cfg.r)
+            delta = reference_delta(adapter, component, module)
             a = lora[f"{component}.{module}.lora_A.weight"].double()
             b = lora[f"{component}.{module}.lora_B.weight"].double()
-            assert a.shape[0] == 4
-            num += ((delta - b @ a) ** 2).sum().item()
-            den += (delta**2).sum().item()
+            assert a.shape[0] == b.shape[1] == 4
+            err, norm = ((delta - b @ a) ** 2).sum().item(), (delta**2).sum().item()
+            num, den, worst = num + err, den + norm, max(worst, math.sqrt(err / norm))
+            best += (torch.linalg.svdvals(delta)[4:] ** 2).sum().item()  # Eckart-Young: the best rank-4 error
         assert report.relative_error == pytest.approx(math.sqrt(num / den), rel=1e-4)
-        assert 0.05 < report.relative_error < 1  # truncation at rank 4 of a rank-32+ delta loses something real
+        assert report.worst_layer_error == pytest.approx(worst, rel=1e-4)
+        assert num == pytest.approx(best, rel=1e-3)  # the truncation is the optimal one
+        assert 0.05 < report.relative_error < 1  # rank 4 of a rank-32+ delta loses something real
 
 
-def test_energy_export_keeps_the_asked_share(wide_adapter, tmp_path):
-    reports = export_lora(wide_adapter, tmp_path / "e.safetensors", "diffusers", energy=0.9)
-    for r in reports:
-        assert r.relative_error <= math.sqrt(0.1) + 1e-6  # 90% of the energy kept per layer -> error <= sqrt(0.1)
-        assert max(r.ranks) < 64
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_energy_export_picks_ranks_by_energy_and_loads_as_written(hybrid_adapter, tmp_path, layout):
+    out = tmp_path / f"e-{layout}.safetensors"
+    result = export_lora(hybrid_adapter, out, layout, energy=0.9)
+    lora = load_file(str(out))
+    adapter = gd.read_adapter(hybrid_adapter)
+    for report in result.components:
+        for module, rank in zip(adapter.module_names(report.component), report.ranks):
+            energy = torch.linalg.svdvals(reference_delta(adapter, report.component, module)) ** 2
+            kept = torch.cumsum(energy, 0) / energy.sum()
+            assert rank == int((kept < 0.9 - 1e-9).sum()) + 1  # the smallest rank keeping 90% of the energy
+        assert report.relative_error <= math.sqrt(0.1) + 1e-6
+        assert len(set(report.ranks)) > 1  # mixed ranks: the per-layer scale must survive loading
+    naming = SgmNaming.from_unet_config(toy_unet_config())
+    modules = {
+        kohya_module_name(component, module, naming): (component, module)
+        for component in adapter.components
+        for module in adapter.module_names(component)
+    }
+    assert_same_outputs(dense_pipe(lora, modules), lora_pipe(out), base=build_toy_sdxl_pipeline(0))
 
 
-def test_kohya_names_map_back_to_every_adapted_module(wide_adapter, tmp_path):
-    out = tmp_path / "k.safetensors"
-    export_lora(wide_adapter, out, "kohya", exact=True)
+def test_diffusers_metadata_gives_every_layer_scale_one(hybrid_adapter, tmp_path):
+    """diffusers builds its LoraConfig from ``lora_adapter_metadata`` when present (older diffusers mis-scale
+    mixed-rank files without alphas); injected by PEFT, that config must give each layer the file's rank and scale 1,
+    on CLIP with and without the ``text_model`` wrapper."""
+    import json
+
+    out = tmp_path / "e.safetensors"
+    export_lora(hybrid_adapter, out, "diffusers", energy=0.9)
     with safe_open(str(out), "pt") as f:
-        keys = set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
-    adapter = gd.read_adapter(wide_adapter)
-    expected = set()
-    for module in adapter.module_names("unet"):
-        expected.add("lora_unet_" + diffusers_to_sgm(module, layers_per_block=1).replace(".", "_"))
-    for component, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
-        expected |= {prefix + m.replace(".", "_") for m in adapter.module_names(component)}
-    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys} == expected
-    for name in expected:
-        down, up, alpha = (tensors[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
-        assert alpha.item() == down.shape[0] == up.shape[1]
-    assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q") for k in keys)
-    assert any(k.startswith("lora_unet_output_blocks_0_1_") for k in keys) and any("middle_block_1" in k for k in keys)
-    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+    pipe = build_toy_sdxl_pipeline(0)
+    assert not hasattr(pipe.text_encoder, "text_model") and hasattr(pipe.text_encoder_2, "text_model")
+    for component in ("unet", *TEXT_ENCODERS):
+        kwargs = {k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
+        model = getattr(pipe, component)
+        inject_adapter_in_model(LoraConfig(**kwargs), model)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+        file_ranks = {
+            k.removeprefix(f"{component}.").removesuffix(".lora_A.weight"): v.shape[0]
+            for k, v in lora.items()
+            if k.startswith(f"{component}.") and k.endswith("lora_A.weight")
+        }
+        assert len(layers) == len(file_ranks)
+        for name, layer in layers.items():
+            canonical = name if component == "unet" or name.startswith("text_model.") else f"text_model.{name}"
+            assert layer.r["default"] == file_ranks[canonical]
+            assert layer.scaling["default"] == 1.0
 
 
-def test_sgm_mapping_matches_sdxl_layout():
-    assert diffusers_to_sgm("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2).startswith(
-        "input_blocks.4.1."
+# --- kohya names -------------------------------------------------------------------------------------------------
+
+
+def test_kohya_keys_map_back_to_every_adapted_module(hybrid_adapter, tmp_path):
+    out = tmp_path / "k.safetensors"
+    export_lora(hybrid_adapter, out, "kohya", rank=8)
+    lora = load_file(str(out))
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
+    for name in names:
+        down, up, alpha = (lora[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        assert alpha.item() == down.shape[0] == up.shape[1] == 8  # alpha equals rank
+    assert all(n.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for n in names)
+    # The toy UNet has layers_per_block=1: down_blocks.1.attentions.0 is SGM input block 1 + 2*1 + 0 = 3.
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_output_blocks_0_0_emb_layers_1" in names and "lora_unet_label_emb_0_0" in names
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in names
+    adapter = gd.read_adapter(hybrid_adapter)
+    read_back = kohya_file_modules(lora, toy_unet_config())
+    assert read_back == {c: set(adapter.module_names(c)) for c in adapter.components}
+    assert len(names) == sum(len(adapter.module_names(c)) for c in adapter.components)
+
+
+def sdxl_unet_on_meta():
+    """SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json) with no weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10), down_block_types=SDXL_UNET_CONFIG["down_block_types"],
+            up_block_types=SDXL_UNET_CONFIG["up_block_types"], attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+
+
+def test_sgm_names_on_sdxl_round_trip_through_diffusers_kohya_converter():
+    unet = sdxl_unet_on_meta()
+    naming = SgmNaming.from_unet_config(unet.config)
+    assert naming == SgmNaming.from_unet_config(SDXL_UNET_CONFIG)
+    expected = {  # SDXL's original UNet layout, as in kohya SDXL LoRAs
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",  # noqa: E501
+        "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": "input_blocks_8_1_transformer_blocks_9_ff_net_2",
+        "mid_block.attentions.0.proj_in": "middle_block_1_proj_in",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": "output_blocks_0_1_transformer_blocks_0_attn2_to_k",
+        "up_blocks.1.attentions.2.proj_out": "output_blocks_5_1_proj_out",
+        "down_blocks.0.resnets.0.time_emb_proj": "input_blocks_1_0_emb_layers_1",
+        "mid_block.resnets.1.time_emb_proj": "middle_block_2_emb_layers_1",
+        "up_blocks.2.resnets.2.time_emb_proj": "output_blocks_8_0_emb_layers_1",
+        "add_embedding.linear_1": "label_emb_0_0",
+        "time_embedding.linear_2": "time_embed_2",
+    }
+    for module, name in expected.items():
+        assert kohya_module_name("unet", module, naming) == f"lora_unet_{name}"
+    linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    lora = {}
+    for module in linears:
+        key = kohya_module_name("unet", module, naming)
+        lora.update({f"{key}.lora_down.weight": torch.zeros(1, 2), f"{key}.lora_up.weight": torch.zeros(2, 1)})
+        lora[f"{key}.alpha"] = torch.tensor(1.0)
+    assert kohya_file_modules(lora, unet.config) == {"unet": linears}  # all 743 linear layers of SDXL's UNet
+    missing = (
+        "down_blocks.0.attentions.0.proj_in",
+        "down_blocks.1.attentions.2.proj_in",
+        "up_blocks.3.resnets.0.time_emb_proj",
     )
-    assert diffusers_to_sgm("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
-    assert (
-        diffusers_to_sgm("mid_block.attentions.0.transformer_blocks.3.ff.net.2", 2)
-        == "middle_block.1.transformer_blocks.3.ff.net.2"
-    )
-    assert diffusers_to_sgm("up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0", 2).startswith(
-        "output_blocks.2.1."
-    )
-    assert diffusers_to_sgm("up_blocks.1.attentions.0.proj_out", 2) == "output_blocks.3.1.proj_out"
+    for module in missing:
+        with pytest.raises(export.NotInUNetLayout):
+            naming.name(module)
 
 
-# --- the command line -------------------------------------------------------------------------------------------
+def test_sd15_kohya_export_keeps_diffusers_block_names(tmp_path):
+    """kohya's SD 1.x LoRAs use diffusers' UNet names and ``lora_te_``; the toy SD 1.5 adapter's recorded base
+    selects that naming, and diffusers' SD 1.5 kohya loader reproduces the adapter."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "linear_1"]
+    path = make_adapter_file(tmp_path / "sd15.safetensors", seed=3, text_encoders=("text_encoder",),
+                             unet_targets=targets, b_scale=0.2, pipeline_builder=build_toy_sd15_pipeline)  # fmt: skip
+    out = tmp_path / "sd15-kohya.safetensors"
+    result = export_lora(path, out, "kohya", exact=True)
+    assert "toy-sd15" in result.unet_naming
+    lora = load_file(str(out))
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in lora
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in lora
+    ours, theirs = gralora_pipe(path, build_toy_sd15_pipeline), lora_pipe(out, build_toy_sd15_pipeline)
+    base = build_toy_sd15_pipeline(0)
+    assert (unet_out(ours) - unet_out(base)).abs().max() > 1e-2
+    assert (unet_out(ours) - unet_out(theirs)).abs().max() <= 1e-4
+    assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
 
 
-def test_cli_export_prints_ranks_and_errors(wide_adapter, tmp_path, capsys):
-    out = tmp_path / "cli.safetensors"
-    assert cli.main(["export", str(wide_adapter), "--to", "kohya", "--rank", "8", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "unet" in printed and "rank 8" in printed and "relative error" in printed and out.exists()
+# --- failures --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "args,match",
-    [
-        (["--rank", "0"], "--rank must be at least 1"),
-        (["--rank", "4096"], "is larger than"),
-    ],
-)
-def test_cli_export_bad_rank(wide_adapter, tmp_path, capsys, args, match):
-    out = tmp_path / "bad.safetensors"
-    assert cli.main(["export", str(wide_adapter), *args, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
-    assert list(tmp_path.glob("bad*")) == [] and list(tmp_path.glob(".bad*")) == []
+def test_a_failed_write_leaves_no_file(hybrid_adapter, tmp_path, monkeypatch):
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_lora(hybrid_adapter, tmp_path / "out" / "lora.safetensors", "diffusers", rank=2)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_cli_export_refuses_a_lora_file(tmp_path, capsys):
-    lora = tmp_path / "plain_lora.safetensors"
-    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, str(lora))
-    assert cli.main(["export", str(lora), "--exact", "-o", str(tmp_path / "o.safetensors")]) == 2
-    assert "is a LoRA adapter, not GraLoRA" in capsys.readouterr().err
-    assert not (tmp_path / "o.safetensors").exists()
-
-
-def test_cli_merge_equals_the_fused_pipeline(tmp_path, adapter_files):
-    from diffusers import StableDiffusionXLPipeline
-
-    a, b = adapter_files
-    base = save_toy_sdxl_pipeline(tmp_path / "base")
-    out = tmp_path / "merged"
-    assert cli.main(["merge", "--base", str(base), f"{a}:0.7", f"{b}:-0.4", "-o", str(out)]) == 0
-    merged = StableDiffusionXLPipeline.from_pretrained(out)
-    assert not list(gd.layers.gralora_layers(merged.unet))  # a plain pipeline, no adapter code needed
-    fused = build_toy_sdxl_pipeline(0)
-    gd.load_gralora_weights(fused, a)
-    gd.load_gralora_weights(fused, b)
-    gd.set_gralora_adapters(fused, ["a", "b"], [0.7, -0.4])
-    gd.fuse_gralora(fused)
-    assert (unet_out(merged) - unet_out(fused)).abs().max() <= 1e-5
-    assert (text_out(merged) - text_out(fused)).abs().max() <= 1e-5
-
-
-def test_cli_merge_with_another_base_fails_cleanly(tmp_path, capsys):
-    sd15_adapter = make_adapter_file(
-        tmp_path / "sd15.safetensors", seed=3, text_encoders=(), pipeline_builder=gd.toy.build_toy_sd15_pipeline
-    )
-    base = save_toy_sdxl_pipeline(tmp_path / "base")
-    out = tmp_path / "merged"
-    assert cli.main(["merge", "--base", str(base), str(sd15_adapter), "-o", str(out)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1 and "trained on another base model" in err[0]  # (other stderr lines: diffusers' loading)
-    assert not out.exists() and not list(tmp_path.glob(".merged*"))
-
-
-def test_cli_generate_writes_settings_into_the_png(tmp_path, adapter_files, monkeypatch):
-    a, b = adapter_files
-    monkeypatch.setenv("GRALORA_DIFFUSION_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "out.png"
-    code = cli.main(
-        ["generate", "--adapter", f"{a}:0.7", "--adapter", f"{b}:-0.5", "--prompt", "a photo of sks dog",
-         "--steps", "2", "--seed", "11", "-o", str(out)]
+def test_kohya_export_refuses_a_module_outside_the_unet_layout(tmp_path):
+    """An SD 1.5-shaped adapter recorded with no readable base falls back to SDXL's layout, which has no attention
+    in its first down block: refused with a pointer to --base, nothing written."""
+    path = make_adapter_file(
+        tmp_path / "sd15.safetensors", seed=3, text_encoders=(), pipeline_builder=build_toy_sd15_pipeline,
+        metadata={"base_model": "nowhere/sd15"},
     )  # fmt: skip
-    assert code == 0
-    params = Image.open(out).info["parameters"]
-    assert "Steps: 2" in params and "Seed: 11, Size: 64x64" in params
-    assert "a:unet=0.7/text_encoder=0.7/text_encoder_2=0.7" in params and "b:unet=-0.5" in params
-
-
-def test_cli_inspect_json(wide_adapter, capsys):
-    assert cli.main(["inspect", str(wide_adapter), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["components"]["unet"]["r"] == 16 and info["components"]["unet"]["k"] == 4
-    assert info["parameters"] == gd.read_adapter(wide_adapter).num_parameters()
-    assert info["base_model"] == "gralora-diffusion/toy-sdxl"
-
-
-def test_console_script_help_on_every_subcommand():
-    for sub in ("export", "merge", "generate", "inspect"):
-        result = subprocess.run(
-            [sys.executable, "-m", "gralora_diffusion.cli", sub, "--help"], capture_output=True, text=True
-        )
-        assert result.returncode == 0 and f"usage: gralora {sub}" in result.stdout
+    adapter = gd.read_adapter(path)
+    renamed = {k.replace("down_blocks.1.", "down_blocks.0."): v for k, v in adapter.state_dicts["unet"].items()}
+    adapter.state_dicts["unet"] = renamed
+    with pytest.raises(ExportError, match=r"does not exist in the UNet of SDXL.*pass the adapter's base model"):
+        export_lora(adapter, tmp_path / "k.safetensors", "kohya", exact=True)
+    assert not (tmp_path / "k.safetensors").exists()
