@@ -20,14 +20,12 @@ Writes a JSON file next to the printed table.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from memory_probe import step_memory_bytes
+from measure import step_memory_bytes, write_report
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -156,22 +154,8 @@ def main() -> None:
     rows = run(shapes, args.ranks, args.batch, args.repeats, args.warmup, device, dtype)
     memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
     print_table(rows, memory_label)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     out = args.out or Path(__file__).parent / "results" / f"layers-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "dtype": str(dtype),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "memory_metric": "cuda peak allocated above start" if device.type == "cuda" else "bytes saved for backward",
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_report(out, device, dtype, rows, repeats=args.repeats)
 
 
 if __name__ == "__main__":

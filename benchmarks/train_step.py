@@ -17,14 +17,12 @@ the step's start, or on CPU the bytes autograd saves for backward (parameters ex
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from memory_probe import step_memory_bytes
+from measure import step_memory_bytes, write_report
 from peft import LoraConfig, inject_adapter_in_model
 
 from gralora_diffusion import add_gralora_adapter, make_gralora_config
@@ -165,20 +163,7 @@ def main() -> None:
             f"{r['time_vs_lora']:>7.2f} {r['memory_mib']:>10.1f} {r['memory_vs_lora']:>7.2f}"
         )
     out = args.out or Path(__file__).parent / "results" / f"train_step-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(dtype),
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "repeats": args.repeats,
-        "memory_metric": "cuda peak allocated above start" if device.type == "cuda" else "bytes saved for backward",
-        "rows": rows,
-    }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_report(out, device, dtype, rows, batch=args.batch, repeats=args.repeats)
 
 
 if __name__ == "__main__":

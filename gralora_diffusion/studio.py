@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from . import adapters as api
-from .io import AdapterFile, AdapterFileError, read_adapter
+from .io import AdapterFile, AdapterFileError, _atomic_write, read_adapter
 
 logger = logging.getLogger("gralora_diffusion.studio")
 
@@ -379,9 +379,7 @@ class Studio:
             ),
         )
         path = Path(path)
-        tmp = path.with_suffix(".png.tmp")
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
+        _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
         return path
 
     def xy_grid(
