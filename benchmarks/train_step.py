@@ -2,16 +2,19 @@
 
     python benchmarks/train_step.py                 # both models, CPU here (CUDA when available)
     python benchmarks/train_step.py --models toy    # quick
+    python benchmarks/train_step.py --models sdxl --batch 1 [--gradient_checkpointing]   # full SDXL UNet, on a GPU
 
 One step = the trainer's ``denoising_loss`` (noise, UNet forward, Min-SNR-free MSE) + backward + AdamW step, with
-adapters on the UNet attention (``to_q, to_k, to_v, to_out.0``) at rank 64:
-  lora           PEFT LoRA r=64, alpha=64
-  gralora        PEFT GraLoRA r=64, k=4, alpha=128 (PEFT's forward)
+adapters on the UNet attention (``to_q, to_k, to_v, to_out.0``) at each rank of ``--ranks`` (default 64):
+  lora           PEFT LoRA r, alpha=r
+  gralora        PEFT GraLoRA r, k by the paper's default (2 for r <= 32, 4 above), alpha=2r (PEFT's forward)
   gralora-train  the same adapter with this package's memory-lean forward, as the trainer runs it by default
 The mid-size UNet has SDXL's block types and widths (block_out_channels (320, 640), 2 and 10-head attention,
 transformer depth 1 and 2, cross-attention 2048, text-time conditioning) with random weights, at 256 px (32 x 32
-latents). Time is the median over ``--repeats`` steps, the variants run round-robin; memory is the CUDA peak above
-the step's start, or on CPU the bytes autograd saves for backward (parameters excluded). Writes JSON.
+latents). The sdxl model is SDXL's UNet at full size (2.6 B parameters, its published configuration) with random
+weights at 1024 px (128 x 128 latents). Time is the median over ``--repeats`` steps, the variants run round-robin;
+memory is the CUDA peak above the step's start, or on CPU the bytes autograd saves for backward (parameters
+excluded). Writes JSON.
 """
 
 from __future__ import annotations
@@ -53,11 +56,38 @@ def mid_unet():
     )
 
 
-def build(model_name: str, variant: str, rank: int, device, dtype):
+def sdxl_unet():
+    """SDXL 1.0 base's UNet configuration (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+MODELS = {"toy": lambda: build_toy_sdxl_pipeline(0).unet, "mid": mid_unet, "sdxl": sdxl_unet}
+
+
+def build(model_name: str, variant: str, rank: int, device, dtype, gradient_checkpointing: bool = False):
     torch.manual_seed(0)
-    unet = mid_unet() if model_name == "mid" else build_toy_sdxl_pipeline(0).unet
+    with torch.device(device):  # random init where the model runs (minutes on a CPU for SDXL's 2.6 B weights)
+        unet = MODELS[model_name]()
     unet.requires_grad_(False)
     unet.to(device, dtype)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if variant == "lora":
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), unet)
     else:
@@ -102,11 +132,11 @@ def memory(unet, optimizer, scheduler, batch_inputs, device) -> int:
     return used
 
 
-def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:
+def run(model_name, rank, batch, repeats, warmup, device, dtype, gradient_checkpointing=False) -> list[dict]:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    built = {v: build(model_name, v, rank, device, dtype) for v in VARIANTS}
+    built = {v: build(model_name, v, rank, device, dtype, gradient_checkpointing) for v in VARIANTS}
     batch_inputs = inputs(built["lora"][0], batch, device, dtype)
     times = {v: [] for v in VARIANTS}
     for i in range(warmup + repeats):
@@ -127,6 +157,7 @@ def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:
         rows.append(
             {
                 "model": model_name,
+                "gradient_checkpointing": gradient_checkpointing,
                 "variant": v,
                 "rank": rank,
                 "adapter_params": sum(p.numel() for p in unet.parameters() if p.requires_grad),
@@ -141,8 +172,9 @@ def run(model_name, rank, batch, repeats, warmup, device, dtype) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["toy", "mid"], choices=["toy", "mid"])
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=["toy", "mid"], choices=list(MODELS))
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64])
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -154,15 +186,25 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     rows = []
     for model_name in args.models:
-        rows += run(model_name, args.rank, args.batch, args.repeats, args.warmup, device, dtype)
+        for rank in args.ranks:
+            rows += run(
+                model_name, rank, args.batch, args.repeats, args.warmup, device, dtype, args.gradient_checkpointing
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     label = "peak MiB" if device.type == "cuda" else "saved MiB"
-    print(f"{'model':>5} {'variant':>14} {'params':>9} {'s/step':>8} {'t/LoRA':>7} {label:>10} {'m/LoRA':>7}")
+    print(
+        f"{'model':>5} {'rank':>4} {'variant':>14} {'params':>9} {'s/step':>8} {'t/LoRA':>7} {label:>10} {'m/LoRA':>7}"
+    )
     for r in rows:
         print(
-            f"{r['model']:>5} {r['variant']:>14} {r['adapter_params']:>9} {r['seconds_per_step']:>8.3f} "
+            f"{r['model']:>5} {r['rank']:>4} {r['variant']:>14} {r['adapter_params']:>9} {r['seconds_per_step']:>8.3f} "
             f"{r['time_vs_lora']:>7.2f} {r['memory_mib']:>10.1f} {r['memory_vs_lora']:>7.2f}"
         )
-    out = args.out or Path(__file__).parent / "results" / f"train_step-{device.type}.json"
+    suffix = "-checkpointing" if args.gradient_checkpointing else ""
+    out = (
+        args.out or Path(__file__).parent / "results" / f"train_step-{'-'.join(args.models)}-{device.type}{suffix}.json"
+    )
     write_report(out, device, dtype, rows, batch=args.batch, repeats=args.repeats)
 
 

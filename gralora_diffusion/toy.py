@@ -96,16 +96,17 @@ def _text_encoder_config(vocab_size: int, projection: bool):
     )
 
 
-def _vae(seed: int):
+def _vae(seed: int, channels: tuple[int, ...] = (16, 32)):
+    """SDXL's VAE class; each block after the first halves the resolution (2 blocks: 64 px -> 32 x 32 latents)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 3)
     return AutoencoderKL(
-        block_out_channels=(16, 32),
+        block_out_channels=tuple(channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
@@ -134,16 +135,16 @@ def _tokenizers_and_vocab():
     return tokenizer, tokenizer_2, len(tokenizer.get_vocab())
 
 
-def _toy_unet(**extra):
+def _toy_unet(channels: tuple[int, int] = (32, 64), layers_per_block: int = 1, sample_size: int = 32, **extra):
     """The toy UNet: SDXL's block layout (plain down block, then cross-attention blocks) at toy widths."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=32,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -152,14 +153,27 @@ def _toy_unet(**extra):
     )
 
 
-def build_toy_sdxl_pipeline(seed: int = 0):
-    """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights."""
+def build_toy_sdxl_pipeline(
+    seed: int = 0,
+    *,
+    unet_channels: tuple[int, int] = (32, 64),
+    layers_per_block: int = 1,
+    vae_channels: tuple[int, ...] = (16, 32),
+):
+    """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights.
+
+    The keyword arguments size the UNet and the VAE (the pretrained toy-world base is a wider variant); the defaults
+    are the few-hundred-thousand-parameter model the tests use.
+    """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2, vocab_size = _tokenizers_and_vocab()
     torch.manual_seed(seed)
     unet = _toy_unet(
+        unet_channels,
+        layers_per_block,
+        sample_size=64 // 2 ** (len(vae_channels) - 1),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
@@ -172,7 +186,7 @@ def build_toy_sdxl_pipeline(seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(seed),
+        vae=_vae(seed, vae_channels),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,

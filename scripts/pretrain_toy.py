@@ -2,129 +2,214 @@
 
     python scripts/pretrain_toy.py --out gralora_diffusion/assets/toy-sdxl-world
 
-Stage 1 trains the VAE to reconstruct world images; stage 2 trains the UNet (epsilon prediction, SDXL's text and
-time-id conditioning, 10% empty captions for classifier-free guidance) on latents of world images with their
-captions; the text encoders stay frozen at their random initialisation. The held-out subject (the teal moon) is never
-shown. Finally the saved pipeline is judged: for seen prompts, the share of generated images whose shape and colour
-the evaluator recognises. Writes the diffusers folder (safetensors) and ``pretrain_report.json``.
+Stage 1 trains the VAE to reconstruct world images, then sets its ``scaling_factor`` to 1 / the standard deviation
+of its latents (what SD's authors did for their VAEs: unit-variance latents, so the noise schedule means what it
+says). Stage 2 trains the UNet (epsilon prediction as SDXL, Min-SNR-5 weighting, SDXL's text and time-id
+conditioning, 10% empty captions for classifier-free guidance, an exponential moving average of the weights) on
+latents of world images with their captions. The text encoders stay frozen at their random initialisation. The held
+-out subject (the teal moon) is never shown. Budgets are step counts, so a run is deterministic for a machine and
+thread count. Finally the saved pipeline (EMA weights) is judged: for each seen shape x colour prompt, the share of
+generated images in which the evaluator recognises both the asked shape and colour. Writes the diffusers folder
+(safetensors) and ``pretrain_report.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from gralora_diffusion.evaluator import judge, load_evaluator, to_pixels
 from gralora_diffusion.toy import build_toy_sdxl_pipeline
-from gralora_diffusion.training.text import encode_prompts
-from gralora_diffusion.world import COLORS, SHAPES, Scene, render, world_example
+from gralora_diffusion.training.text import PromptCache, encode_prompts
+from gralora_diffusion.world import COLORS, SHAPES, Scene, world_example
+
+WORLD_SEED = 0
 
 
-def world_batch(start: int, count: int, seed: int):
+def world_batch(start: int, count: int, seed: int, device) -> tuple[torch.Tensor, list[str]]:
     examples = [world_example(seed, i) for i in range(start, start + count)]
-    return to_pixels([im for im, _ in examples]) * 2 - 1, [s.caption for _, s in examples]
+    return (to_pixels([im for im, _ in examples]) * 2 - 1).to(device), [s.caption for _, s in examples]
 
 
-def train_vae(vae, minutes: float, log) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    deadline, step = time.time() + minutes * 60, 0
+def cosine_lr(step: int, total: int, warmup: int = 200, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vae(vae, steps: int, batch: int, lr: float, device, log) -> None:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup=50))
     vae.train()
-    while time.time() < deadline:
-        pixels, _ = world_batch(step * 32, 32, seed=100)
+    for step in range(steps):
+        pixels, _ = world_batch(step * batch, batch, seed=100, device=device)
         posterior = vae.encode(pixels).latent_dist
-        recon = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(step))).sample
-        kl = posterior.kl().mean() / (pixels.shape[1] * pixels.shape[2] * pixels.shape[3])
+        generator = torch.Generator(device).manual_seed(step)
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        kl = posterior.kl().mean() / pixels[0].numel()
         loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-4 * kl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0:
+        schedule.step()
+        if step % 200 == 0 or step == steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f}")
-        step += 1
     vae.eval()
+    vae.requires_grad_(False)
 
 
-def train_unet(pipe, minutes: float, batch: int, log) -> int:
+@torch.no_grad()
+def calibrate_scaling_factor(vae, device, images: int = 512) -> float:
+    """Set the VAE's ``scaling_factor`` so that scaled latents of world images have unit standard deviation."""
+    latents = []
+    for start in range(0, images, 64):
+        pixels, _ = world_batch(start, 64, seed=200, device=device)
+        latents.append(vae.encode(pixels).latent_dist.sample(generator=torch.Generator(device).manual_seed(start)))
+    factor = 1.0 / torch.cat(latents).float().std().item()
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def train_unet(pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None):
+    """Train the UNet (and the text encoders if ``train_text``); returns EMA copies of what was trained, by name.
+
+    ``on_eval(step, ema_modules)`` is called after every step.
+    """
     from diffusers import DDPMScheduler
 
     unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
     encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if train_text:
+        for encoder in encoders:
+            encoder.requires_grad_(True).train()
 
-    @torch.no_grad()
-    def embed(captions):
-        for c in set(captions) - set(cache):
-            e, p = encode_prompts(encoders, tokenizers, [c])
-            cache[c] = (e[0], p[0])
-        return torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions])
+        def embed(captions):
+            return encode_prompts(encoders, tokenizers, captions)
+    else:
+        embed = PromptCache(encoders, tokenizers)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    params = list(unet.parameters()) + [p for e in encoders for p in e.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
+    trained = {"unet": unet} | ({"text_encoder": encoders[0], "text_encoder_2": encoders[1]} if train_text else {})
+    ema = {name: copy.deepcopy(module).requires_grad_(False).eval() for name, module in trained.items()}
+    ema_params = [p for name in trained for p in ema[name].parameters()]
+    live_params = [p for name in trained for p in trained[name].parameters()]
     unet.train()
-    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch)
-    deadline, step = time.time() + minutes * 60, 0
+    size = 64.0
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch, device=device)
     gen = torch.Generator().manual_seed(0)
-    while time.time() < deadline:
-        pixels, captions = world_batch(step * batch, batch, seed=0)
-        captions = [c if torch.rand(1, generator=gen).item() > 0.1 else "" for c in captions]
+    for step in range(steps):
+        pixels, captions = world_batch(step * batch, batch, seed=WORLD_SEED, device=device)
+        drop = torch.rand(batch, generator=gen) < 0.1
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         embeds, pooled = embed(captions)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise)
+        per_example = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = torch.clamp(snr[t], max=snr_gamma) / snr[t] if snr_gamma > 0 else torch.ones_like(per_example)
+        loss = (per_example * weights).mean()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step % 100 == 0:
-            log(f"unet step {step}: loss {loss.item():.4f}")
-        step += 1
+        schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+        if step % 200 == 0 or step == steps - 1:
+            log(f"unet step {step}: loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
+        if on_eval is not None:
+            on_eval(step + 1, ema)
     unet.eval()
-    return step
+    for encoder in encoders:
+        encoder.requires_grad_(False).eval()
+    return ema
 
 
 @torch.no_grad()
-def judge_pipeline(pipe, per_prompt: int = 2, steps: int = 20, guidance: float = 5.0) -> dict:
+def vae_round_trip_accuracy(vae, device, images: int = 256) -> float:
+    """Share of world images whose shape and colour the evaluator still recognises after encode + decode."""
     evaluator = load_evaluator()
-    prompts = [
-        Scene(shape, color, "white" if color != "white" else "black", 15, (32, 32), 0).caption
-        for shape in SHAPES
-        for color in COLORS
-    ]
-    correct = both = 0
+    pixels, captions = world_batch(0, images, seed=300, device=device)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    verdict = judge(evaluator, [Image.fromarray(a) for a in arrays])
+    truth = [c.split()[1:3] for c in captions]
+    hits = [s == shape and c == color for s, c, (color, shape) in zip(verdict["shape"], verdict["color"], truth)]
+    return sum(hits) / images
+
+
+def seen_prompts() -> list[str]:
+    return [Scene(shape, color, "white" if color != "white" else "black", 15, (32, 32), 0).caption
+            for shape in SHAPES for color in COLORS]  # fmt: skip
+
+
+@torch.no_grad()
+def judge_pipeline(pipe, per_prompt: int = 2, steps: int = 20, guidance: float = 5.0, device="cpu") -> dict:
+    """Generate ``per_prompt`` images for each seen shape x colour prompt; the evaluator names shape and colour."""
+    evaluator = load_evaluator()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = seen_prompts()
+    both = attributes = 0
     rows = []
     for i, prompt in enumerate(prompts):
         images = pipe(
             [prompt] * per_prompt, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-            generator=[torch.Generator().manual_seed(1000 + i * per_prompt + j) for j in range(per_prompt)],
+            generator=[torch.Generator(device).manual_seed(1000 + i * per_prompt + j) for j in range(per_prompt)],
         ).images  # fmt: skip
         verdict = judge(evaluator, images)
-        words = prompt.split()
-        color, shape = words[1], words[2]
-        for s, c in zip(verdict["shape"], verdict["color"]):
-            correct += (s == shape) + (c == color)
-            both += s == shape and c == color
+        _, color, shape = prompt.split()[:3]
+        hits = [(s == shape, c == color) for s, c in zip(verdict["shape"], verdict["color"])]
+        both += sum(s and c for s, c in hits)
+        attributes += sum(s + c for s, c in hits)
         rows.append({"prompt": prompt, "shapes": verdict["shape"], "colors": verdict["color"]})
     n = len(prompts) * per_prompt
-    return {"images": n, "shape_and_color_correct": both / n, "attribute_accuracy": correct / (2 * n), "rows": rows}
+    return {"images": n, "shape_and_color_correct": both / n, "attribute_accuracy": attributes / (2 * n), "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gralora_diffusion/assets/toy-sdxl-world"))
-    parser.add_argument("--vae_minutes", type=float, default=4)
-    parser.add_argument("--unet_minutes", type=float, default=22)
+    parser.add_argument("--unet_channels", type=int, nargs=2, default=[64, 128])
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 32])
+    parser.add_argument("--vae_steps", type=int, default=2000)
+    parser.add_argument("--vae_batch", type=int, default=8)
+    parser.add_argument("--vae_lr", type=float, default=2e-3)
+    parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--snr_gamma", type=float, default=5.0)
+    parser.add_argument("--train_text_encoders", type=int, default=1, help="1: train both text encoders with the UNet")
+    parser.add_argument("--eval_at", type=int, nargs="*", default=[], help="also judge the EMA UNet at these steps")
+    parser.add_argument("--vae_from", type=Path, default=None, help="reuse the VAE of an earlier run (skips stage 1)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     random.seed(0)
     log_lines: list[str] = []
@@ -133,26 +218,52 @@ def main() -> None:
         print(line, flush=True)
         log_lines.append(line)
 
-    pipe = build_toy_sdxl_pipeline(0)
+    arch = {"unet_channels": tuple(args.unet_channels), "layers_per_block": args.layers_per_block,
+            "vae_channels": tuple(args.vae_channels)}  # fmt: skip
+    pipe = build_toy_sdxl_pipeline(0, **arch)
     pipe.set_progress_bar_config(disable=True)
     for model in (pipe.text_encoder, pipe.text_encoder_2):
         model.requires_grad_(False)
+    pipe.to(device)
     start = time.time()
-    train_vae(pipe.vae, args.vae_minutes, log)
-    pipe.vae.requires_grad_(False)
-    steps = train_unet(pipe, args.unet_minutes, args.batch, log)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from / "vae").state_dict())
+        pipe.vae.requires_grad_(False).eval()
+    else:
+        train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, device, log)
+    vae_seconds = time.time() - start
+    factor = calibrate_scaling_factor(pipe.vae, device)
+    round_trip = vae_round_trip_accuracy(pipe.vae, device)
+    log(f"vae trained in {vae_seconds:.0f} s; scaling_factor {factor:.4f}; round-trip recognised {round_trip:.3f}")
+    checkpoints = {}
+
+    def on_eval(step, ema):
+        if step in args.eval_at:
+            score = judge_pipeline(type(pipe)(**(pipe.components | ema)), device=device)
+            checkpoints[step] = {k: v for k, v in score.items() if k != "rows"} | {"seconds": time.time() - start}
+            log(f"step {step}: shape and colour correct {score['shape_and_color_correct']:.3f}")
+
+    ema = train_unet(pipe, args.unet_steps, args.batch, args.lr, args.ema_decay, args.snr_gamma,
+                     bool(args.train_text_encoders), device, log, on_eval)  # fmt: skip
+    for name, module in ema.items():
+        getattr(pipe, name).load_state_dict(module.state_dict())
     trained = time.time() - start
-    report = judge_pipeline(pipe)
-    report.update({"unet_steps": steps, "train_seconds": trained, "vae_minutes": args.vae_minutes})
+    report = judge_pipeline(pipe, device=device)
+    report.update({"architecture": arch, "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+                   "scaling_factor": factor, "vae_round_trip": round_trip, "vae_seconds": vae_seconds,
+                   "train_seconds": trained, "threads": torch.get_num_threads(),
+                   "checkpoints": checkpoints})  # fmt: skip
     log(f"shape and colour correct: {report['shape_and_color_correct']:.3f} over {report['images']} images")
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    # a look at what it draws
-    sample = pipe(["a red circle on a white background", "a blue star on a yellow background"], num_inference_steps=20,
-                  height=64, width=64, generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images  # fmt: skip
-    for i, im in enumerate(sample):
-        im.save(args.out / f"sample{i}.png")
-    _ = render  # the world renderer defines the prompts' meaning
+    pipe.to("cpu")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=args.out.name + ".", dir=args.out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "pretrain_report.json").write_text(json.dumps(report | {"log": log_lines}, indent=2, default=str))
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,12 @@ from gralora_diffusion.world import ALL_COLORS, ALL_SHAPES, render, sample_scene
 
 
 def make_set(seed: int, count: int):
-    """Images of every shape (the held-out moon included) in every colour, lightly degraded like generations."""
+    """Images of every shape (the held-out moon included) in every colour, degraded like generations.
+
+    Half are blurred, all get a little pixel noise, half get a colour cast (each channel shifted by up to 15/255) and
+    half lose some contrast: what a small VAE's round trip and a diffusion sampler do to an image, and what DINO or
+    CLIP would shrug off. The classes stay far apart (the closest two colours differ by 90/255 in one channel).
+    """
     rng = random.Random(f"evaluator:{seed}")
     images, shapes, colors = [], [], []
     color_names = list(ALL_COLORS)
@@ -32,15 +37,19 @@ def make_set(seed: int, count: int):
         scene = sample_scene(rng, shape=shape, color=color)
         image = render(scene)
         if rng.random() < 0.5:
-            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
         images.append(image)
         shapes.append(ALL_SHAPES.index(shape))
         colors.append(color_names.index(color))
     pixels = to_pixels(images)
     noise = torch.Generator().manual_seed(seed)
-    pixels = (
-        pixels + 0.04 * torch.rand(len(images), 1, 1, 1, generator=noise) * torch.randn(pixels.shape, generator=noise)
-    ).clamp(0, 1)
+    n = len(images)
+    pixels = pixels + 0.04 * torch.rand(n, 1, 1, 1, generator=noise) * torch.randn(pixels.shape, generator=noise)
+    cast = (torch.rand(n, 3, 1, 1, generator=noise) * 2 - 1) * (15 / 255)
+    pixels = pixels + cast * (torch.rand(n, 1, 1, 1, generator=noise) < 0.5)
+    contrast = 1 - 0.2 * torch.rand(n, 1, 1, 1, generator=noise) * (torch.rand(n, 1, 1, 1, generator=noise) < 0.5)
+    mean = pixels.mean(dim=(1, 2, 3), keepdim=True)
+    pixels = (mean + (pixels - mean) * contrast).clamp(0, 1)
     return pixels, torch.tensor(shapes), torch.tensor(colors)
 
 
