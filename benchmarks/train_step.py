@@ -8,7 +8,7 @@ One step = the trainer's ``denoising_loss`` (noise, UNet forward, Min-SNR-free M
 adapters on the UNet attention (``to_q, to_k, to_v, to_out.0``) at each rank of ``--ranks`` (default 64):
   lora           PEFT LoRA r, alpha=r
   gralora        PEFT GraLoRA r, k by the paper's default (2 for r <= 32, 4 above), alpha=2r (PEFT's forward)
-  gralora-train  the same adapter with this package's memory-lean forward, as the trainer runs it by default
+  gralora-train  the same adapter with this package's memory-lean forward, (trainer: --gralora_recompute)
 The mid-size UNet has SDXL's block types and widths (block_out_channels (320, 640), 2 and 10-head attention,
 transformer depth 1 and 2, cross-attention 2048, text-time conditioning) with random weights, at 256 px (32 x 32
 latents). The sdxl model is SDXL's UNet at full size (2.6 B parameters, its published configuration) with random

@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_text_encoder", action="store_true")
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
     g.add_argument(
-        "--no_gralora_recompute",
+        "--gralora_recompute",
         action="store_true",
-        help="keep GraLoRA's k*r-wide intermediate for backward (more memory, slightly faster)",
+        help="recompute GraLoRA's k*r-wide intermediate in backward instead of keeping it: less activation memory, "
+        "slower steps (full SDXL on an H100: 1-4%% less peak memory for 1.8x the step time)",
     )
+    g.add_argument("--no_gralora_recompute", dest="gralora_recompute", action="store_false", help="the default")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4)

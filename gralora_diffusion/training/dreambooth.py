@@ -111,7 +111,7 @@ def add_adapters(args, unet, text_encoders) -> dict:
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-        if not args.no_gralora_recompute:
+        if args.gralora_recompute:
             use_memory_lean_training(model)
     return models
 
