@@ -33,3 +33,15 @@ def test_subject_images_are_teal_moons():
     assert scene.shape == SUBJECT_SHAPE and scene.color == "teal"
     pixels = np.asarray(image).reshape(-1, 3).astype(int)
     assert (np.abs(pixels - np.array([0, 150, 150])).sum(axis=1) < 30).mean() > 0.03
+
+
+def test_committed_instance_images_are_the_held_out_subject():
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "sks-shape"
+    paths = sorted(folder.glob("*.png"))
+    assert len(paths) == 5
+    for i, path in enumerate(paths):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(subject_example(i)[0]))
