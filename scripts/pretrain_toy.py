@@ -6,8 +6,9 @@ Stage 1 trains the VAE to reconstruct world images, then sets its ``scaling_fact
 of its latents (what SD's authors did for their VAEs: unit-variance latents, so the noise schedule means what it
 says). Stage 2 trains the UNet (epsilon prediction as SDXL, Min-SNR-5 weighting, SDXL's text and time-id
 conditioning, 10% empty captions for classifier-free guidance, an exponential moving average of the weights) on
-latents of world images with their captions. The text encoders stay frozen at their random initialisation. The held
--out subject (the teal moon) is never shown. Budgets are step counts, so a run is deterministic for a machine and
+latents of world images with their captions; the two tiny text encoders start random and, by default, train with the
+UNet (frozen random encoders give an almost constant pooled embedding, and on a GPU sweep the frozen variant learned
+about half as fast). The held-out subject (the teal moon) is never shown. Budgets are step counts, so a run is deterministic for a machine and
 thread count. Finally the saved pipeline (EMA weights) is judged: for each seen shape x colour prompt, the share of
 generated images in which the evaluator recognises both the asked shape and colour. Writes the diffusers folder
 (safetensors) and ``pretrain_report.json``.
