@@ -6,12 +6,12 @@ Stage 1 trains the VAE to reconstruct world images, then sets its ``scaling_fact
 of its latents (what SD's authors did for their VAEs: unit-variance latents, so the noise schedule means what it
 says). Stage 2 trains the UNet (epsilon prediction as SDXL, Min-SNR-5 weighting, SDXL's text and time-id
 conditioning, 10% empty captions for classifier-free guidance, an exponential moving average of the weights) on
-latents of world images with their captions; the two tiny text encoders start random and, by default, train with the
-UNet (frozen random encoders give an almost constant pooled embedding, and on a GPU sweep the frozen variant learned
-about half as fast). The held-out subject (the teal moon) is never shown. Budgets are step counts, so a run is deterministic for a machine and
-thread count. Finally the saved pipeline (EMA weights) is judged: for each seen shape x colour prompt, the share of
-generated images in which the evaluator recognises both the asked shape and colour. Writes the diffusers folder
-(safetensors) and ``pretrain_report.json``.
+latents of a fixed set of world images (encoded once) with their captions; the two tiny text encoders start random
+and, by default, train with the UNet (frozen random encoders give an almost constant pooled embedding, and on a GPU
+sweep the frozen variant learned about half as fast). The held-out subject (the teal moon) is never shown. Budgets
+are step counts, so a run is deterministic for a machine and thread count. Finally the saved pipeline (EMA weights)
+is judged: for each seen shape x colour prompt, the share of generated images in which the evaluator recognises both
+the asked shape and colour. Writes the diffusers folder (safetensors) and ``pretrain_report.json``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,43 @@ def calibrate_scaling_factor(vae, device, images: int = 512) -> float:
     return factor
 
 
-def train_unet(pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None):
+class EncodedWorld:
+    """A fixed set of world images encoded once: the VAE posterior's mean and std of each, with its caption.
+
+    Training steps then draw latents from it (a fresh sample of the posterior each time) instead of rendering and
+    encoding images every step; ``size=0`` streams fresh images instead.
+    """
+
+    def __init__(self, vae, size: int, device, chunk: int = 64):
+        self.vae, self.device, self.size = vae, device, size
+        self.mean, self.std, self.captions = [], [], []
+        with torch.no_grad():
+            for start in range(0, size, chunk):
+                pixels, captions = world_batch(start, min(chunk, size - start), seed=WORLD_SEED, device=device)
+                posterior = vae.encode(pixels).latent_dist
+                self.mean.append(posterior.mean)
+                self.std.append(posterior.std)
+                self.captions += captions
+        if size:
+            self.mean, self.std = torch.cat(self.mean), torch.cat(self.std)
+
+    def batch(self, step: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        if self.size == 0:
+            pixels, captions = world_batch(step * batch, batch, seed=WORLD_SEED, device=self.device)
+            with torch.no_grad():
+                posterior = self.vae.encode(pixels).latent_dist
+            mean, std = posterior.mean, posterior.std
+        else:
+            index = torch.randint(0, self.size, (batch,), generator=gen)
+            mean, std = self.mean[index.to(self.mean.device)], self.std[index.to(self.std.device)]
+            captions = [self.captions[i] for i in index.tolist()]
+        latents = mean + std * torch.randn(mean.shape, generator=gen).to(self.device)
+        return latents * self.vae.config.scaling_factor, captions
+
+
+def train_unet(
+    pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None, dataset_size: int = 0
+):
     """Train the UNet (and the text encoders if ``train_text``); returns EMA copies of what was trained, by name.
 
     ``on_eval(step, ema_modules)`` is called after every step.
@@ -116,14 +152,11 @@ def train_unet(pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device,
     size = 64.0
     time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch, device=device)
     gen = torch.Generator().manual_seed(0)
+    world = EncodedWorld(vae, dataset_size, device)
     for step in range(steps):
-        pixels, captions = world_batch(step * batch, batch, seed=WORLD_SEED, device=device)
+        latents, captions = world.batch(step, batch, gen)
         drop = torch.rand(batch, generator=gen) < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        with torch.no_grad():
-            posterior = vae.encode(pixels).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
-            latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
@@ -202,6 +235,7 @@ def main() -> None:
     parser.add_argument("--vae_lr", type=float, default=2e-3)
     parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dataset_size", type=int, default=16384, help="world images encoded once (0: stream)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--snr_gamma", type=float, default=5.0)
@@ -247,7 +281,7 @@ def main() -> None:
             log(f"step {step}: shape and colour correct {score['shape_and_color_correct']:.3f}")
 
     ema = train_unet(pipe, args.unet_steps, args.batch, args.lr, args.ema_decay, args.snr_gamma,
-                     bool(args.train_text_encoders), device, log, on_eval)  # fmt: skip
+                     bool(args.train_text_encoders), device, log, on_eval, args.dataset_size)  # fmt: skip
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
     trained = time.time() - start
