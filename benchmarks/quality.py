@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from gralora_diffusion.evaluator import judge, load_evaluator, to_pixels
+from gralora_diffusion.evaluator import load_evaluator, subject_scores, to_pixels
 from gralora_diffusion.training.loss import denoising_loss
 from gralora_diffusion.training.text import PromptCache
-from gralora_diffusion.world import SUBJECT_COLOR, SUBJECT_PROMPT, SUBJECT_SHAPE
+from gralora_diffusion.world import SUBJECT_PROMPT
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNRELATED = ["a red circle on a white background", "a blue star on a yellow background",
@@ -134,15 +134,7 @@ def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: fl
 
 
 def score(evaluator, instances, subject_images, unrelated_tuned, unrelated_base) -> dict:
-    reference = judge(evaluator, instances)["embedding"]
-    subject = judge(evaluator, subject_images)
-    similarity = (subject["embedding"] @ reference.T).mean().item()
-    recognised = sum(
-        s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(subject["shape"], subject["color"])
-    ) / len(subject_images)
-    tuned, base = judge(evaluator, unrelated_tuned)["embedding"], judge(evaluator, unrelated_base)["embedding"]
-    drift = (1 - (tuned * base).sum(dim=1)).mean().item()
-    return {"similarity": similarity, "recognised": recognised, "drift": drift}
+    return subject_scores(evaluator, instances, subject_images, unrelated_tuned, unrelated_base)
 
 
 def main() -> None:
@@ -156,7 +148,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=8, help="generations of the trigger prompt per run")
     parser.add_argument("--sampling_steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = parser.parse_args()
     if not (args.base / "model_index.json").exists():

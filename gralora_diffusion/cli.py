@@ -47,9 +47,9 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def _base_dir(base: str | None) -> str:
-    from .toy import toy_sdxl_base_dir
+    from .toy import resolve_base
 
-    return base or str(toy_sdxl_base_dir())
+    return resolve_base(base)
 
 
 def _read_adapters(specs: list[tuple[str, float]], base: str) -> list:
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors); from_pretrained loads it with no adapter code.",
     )
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="GraLoRA files, weight 1 by default")
-    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the offline toy SDXL base)")
+    p.add_argument("--base", default=None, help="folder or hub id; toy, toy-world: offline toy bases (default: toy)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU")
     p.set_defaults(func=cmd_merge)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one image with adapters blended, settings in the PNG text chunk",
         description="Generate one image (the scripted twin of the app); the settings go into the PNG text chunk.",
     )
-    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the offline toy SDXL base)")
+    p.add_argument("--base", default=None, help="folder or hub id; toy, toy-world: offline toy bases (default: toy)")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeat for several")
     p.add_argument("--prompt", required=True, help="may contain <gralora:NAME:WEIGHT> tags naming given adapters")
     p.add_argument("--negative_prompt", default="")

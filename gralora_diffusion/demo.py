@@ -1,12 +1,14 @@
-"""The main job on the toy default: build the offline SDXL base, train a GraLoRA adapter on a small subject with the
-DreamBooth trainer, then blend it with a second adapter, fuse, and generate.
+"""The main job on the toy default: teach the pretrained toy SDXL base a subject it has never seen with the DreamBooth
+trainer, then compare base and adapter, blend the adapter at half weight, and fuse it.
 
     python -m gralora_diffusion.demo --out outputs/demo
 
-Writes ``grid.png`` (base | subject adapter | style adapter | blend | fused blend) and ``demo.json`` with the training
-loss before and after, timings and the fused-vs-unfused difference. The toy base is randomly initialised and the
-"style" adapter is untrained (random), so the pictures are noise: the demo shows the whole path working (training
-lowers the loss on the subject, each adapter changes the output, fusing changes nothing), not image quality.
+The base (``gralora_diffusion/assets/toy-sdxl-world``, made by ``scripts/pretrain_toy.py``) draws coloured shapes
+from captions such as "a red star on a gray background"; the subject is the held-out teal crescent moon of
+``examples/sks-shape/`` with the trigger prompt "a photo of sks shape". Writes ``grid.png`` (one row per prompt: the
+trigger and two unrelated prompts; columns: base | adapter at 0.5 | adapter at 1.0, two seeds each) and ``demo.json``
+with the training loss, the evaluator's subject similarity and recognition rate for base and adapter, the drift on
+the unrelated prompts, the fused-vs-unfused difference and timings.
 """
 
 from __future__ import annotations
@@ -18,25 +20,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import adapters as api
-from .toy import save_random_toy_adapter, toy_sdxl_base_dir
+from .toy import toy_world_base_dir
+from .world import SUBJECT_PROMPT, subject_example
+
+UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
+SEEDS = (0, 1)
 
 
-def write_subject_images(folder: Path, count: int = 4) -> Path:
-    """A tiny DreamBooth subject: a red disc on white, in a few positions."""
-    from PIL import ImageDraw
-
+def write_subject_images(folder: Path, count: int = 5) -> Path:
+    """The held-out subject's instance images (the same pictures as the repository's ``examples/sks-shape/``)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        image = Image.new("RGB", (64, 64), (255, 255, 255))
-        ImageDraw.Draw(image).ellipse((8 + 4 * i, 10, 48 + 4 * i, 50), fill=(220, 30, 40))
-        image.save(folder / f"subject{i}.png")
+        subject_example(i)[0].save(folder / f"sks-shape-{i}.png")
     return folder
 
 
-def train_subject(out_dir: Path, base: str, steps: int, prompt: str) -> Path:
+def train_subject(out_dir: Path, base: str, steps: int, rank: int, learning_rate: float) -> Path:
     """Run the DreamBooth trainer (in this process) on the subject images; return the adapter file."""
     from .training.dreambooth import main as train_main
 
@@ -45,9 +47,10 @@ def train_subject(out_dir: Path, base: str, steps: int, prompt: str) -> Path:
     code = train_main(
         [
             f"--pretrained_model_name_or_path={base}", f"--instance_data_dir={instances}",
-            f"--instance_prompt={prompt}", f"--output_dir={train_dir}", "--resolution=64", "--train_batch_size=2",
-            "--rank=8", "--learning_rate=5e-3", "--lr_warmup_steps=0", f"--max_train_steps={steps}",
-            f"--checkpointing_steps={steps}", "--report_to=none", "--overwrite_output_dir", "--seed=0",
+            f"--instance_prompt={SUBJECT_PROMPT}", f"--output_dir={train_dir}", "--resolution=64",
+            "--train_batch_size=4", f"--rank={rank}", f"--learning_rate={learning_rate}", "--lr_warmup_steps=0",
+            f"--max_train_steps={steps}", f"--checkpointing_steps={steps}", "--report_to=none",
+            "--overwrite_output_dir", "--seed=0",
         ]
     )  # fmt: skip
     if code != 0:
@@ -55,71 +58,105 @@ def train_subject(out_dir: Path, base: str, steps: int, prompt: str) -> Path:
     return train_dir / "sks-shape.safetensors"
 
 
-def _generate(pipe, prompt: str, seed: int, steps: int, size: int) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    out = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator, output_type="np")
-    return out.images[0]
+def generate(pipe, prompts, seeds, steps: int, guidance: float) -> list[list[Image.Image]]:
+    """Images of every prompt (rows) for every seed (columns); the same seeds give the same starting noise."""
+    rows = []
+    for prompt in prompts:
+        rows.append(
+            pipe(
+                [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+            ).images
+        )  # fmt: skip
+    return rows
 
 
-def _grid(images: list[np.ndarray], scale: int) -> Image.Image:
-    row = np.concatenate([(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images], axis=1)
-    picture = Image.fromarray(row)
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+def _grid(columns: dict[str, list[list[Image.Image]]], scale: int = 3) -> Image.Image:
+    """Column groups side by side (each: rows of images), a label above each group."""
+    groups = list(columns.items())
+    rows, per_group = len(groups[0][1]), len(groups[0][1][0])
+    cell, gap, header = 64 * scale, 8, 14
+    width = len(groups) * (per_group * cell + gap) - gap
+    picture = Image.new("RGB", (width, header + rows * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    for g, (label, images) in enumerate(groups):
+        x0 = g * (per_group * cell + gap)
+        draw.text((x0 + 2, 1), label, fill=(0, 0, 0))
+        for r, row in enumerate(images):
+            for c, image in enumerate(row):
+                picture.paste(image.resize((cell, cell), Image.NEAREST), (x0 + c * cell, header + r * cell))
+    return picture
+
+
+def _pixels(rows: list[list[Image.Image]]) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float32) for row in rows for im in row])
 
 
 def run_demo(
-    out_dir: Path, base: str | None, steps: int, size: int, seed: int, prompt: str, train_steps: int = 30
+    out_dir: Path,
+    base: str | None = None,
+    train_steps: int = 300,
+    rank: int = 16,
+    learning_rate: float = 1e-3,
+    sampling_steps: int = 20,
+    guidance: float = 3.0,
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_path = base or str(toy_sdxl_base_dir())
-    t0 = time.perf_counter()
-    subject = train_subject(out_dir, base_path, train_steps, prompt)
-    t_train = time.perf_counter() - t0
-    training = json.loads((subject.parent / "train_metrics.json").read_text())
+    from .evaluator import load_evaluator, subject_scores
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_path = str(base or toy_world_base_dir())
     t0 = time.perf_counter()
+    adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate)
+    t_train = time.perf_counter() - t0
+    training = json.loads((adapter.parent / "train_metrics.json").read_text())
+
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
     pipe.set_progress_bar_config(disable=True)
-    t_load = time.perf_counter() - t0
-    style = save_random_toy_adapter(out_dir / "style.safetensors", seed=2, rank=16, gralora_k=4, text_encoders=())
-    images = {"base": _generate(pipe, prompt, seed, steps, size)}
-    api.load_gralora_weights(pipe, subject, adapter_name="subject")
-    api.load_gralora_weights(pipe, style, adapter_name="style")
-    for name in ("subject", "style"):
-        api.set_gralora_adapters(pipe, [name])
-        images[name] = _generate(pipe, prompt, seed, steps, size)
-    api.set_gralora_adapters(pipe, ["subject", "style"], [0.7, 0.4])
+    prompts = (SUBJECT_PROMPT, *UNRELATED_PROMPTS)
+    settings = (SEEDS, sampling_steps, guidance)
     t0 = time.perf_counter()
-    images["blend 0.7 subject + 0.4 style"] = _generate(pipe, prompt, seed, steps, size)
-    t_unfused = time.perf_counter() - t0
+    columns = {"base": generate(pipe, prompts, *settings)}
+    t_generate = time.perf_counter() - t0
+    api.load_gralora_weights(pipe, adapter, adapter_name="sks")
+    api.set_gralora_adapters(pipe, ["sks"], [0.5])
+    columns["sks x 0.5"] = generate(pipe, prompts, *settings)
+    api.set_gralora_adapters(pipe, ["sks"], [1.0])
+    columns["sks x 1.0"] = generate(pipe, prompts, *settings)
     t0 = time.perf_counter()
     api.fuse_gralora(pipe)
     t_fuse = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    images["fused blend"] = _generate(pipe, prompt, seed, steps, size)
-    t_fused = time.perf_counter() - t0
+    fused = generate(pipe, prompts, *settings)
+
+    evaluator = load_evaluator()
+    instances = [subject_example(i)[0] for i in range(5)]
+    scores = {}
+    for name, rows in columns.items():
+        unrelated = [im for row in rows[1:] for im in row]
+        base_unrelated = [im for row in columns["base"][1:] for im in row]
+        scores[name] = subject_scores(evaluator, instances, rows[0], unrelated, base_unrelated)
 
     grid_path = out_dir / "grid.png"
-    _grid(list(images.values()), scale=max(1, 256 // size)).save(grid_path)
+    tmp = out_dir / "grid.tmp.png"
+    _grid(columns).save(tmp)
+    tmp.replace(grid_path)
     report = {
         "base": base_path,
-        "prompt": prompt,
-        "columns": list(images),
+        "prompts": list(prompts),
+        "seeds": list(SEEDS),
+        "columns": list(columns),
         "training": {
             "steps": training["steps"],
+            "rank": rank,
+            "learning_rate": learning_rate,
             "eval_loss_before": training["initial_eval_loss"],
             "eval_loss_after": training["final_eval_loss"],
             "seconds": t_train,
         },
-        "max_abs_diff_fused_vs_unfused": float(
-            np.abs(images["fused blend"] - images["blend 0.7 subject + 0.4 style"]).max()
-        ),
-        "mean_abs_diff_vs_base": {
-            k: float(np.abs(v - images["base"]).mean()) for k, v in images.items() if k != "base"
-        },
-        "seconds": {"load_base": t_load, "fuse": t_fuse, "generate_unfused": t_unfused, "generate_fused": t_fused},
+        "scores": scores,
+        "max_abs_pixel_diff_fused_vs_unfused": float(np.abs(_pixels(fused) - _pixels(columns["sks x 1.0"])).max()),
+        "seconds": {"generate_6_images": t_generate, "fuse": t_fuse},
         "grid": str(grid_path),
     }
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2))
@@ -129,28 +166,26 @@ def run_demo(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    parser.add_argument("--base", default=None, help="diffusers SDXL folder or id (default: the offline toy base)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default="a photo of sks shape")
-    parser.add_argument("--train_steps", type=int, default=30)
+    parser.add_argument("--base", default=None, help="diffusers SDXL folder (default: the pretrained toy base)")
+    parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--sampling_steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.0)
     args = parser.parse_args(argv)
-    report = run_demo(args.out, args.base, args.steps, args.size, args.seed, args.prompt, args.train_steps)
+    report = run_demo(
+        args.out, args.base, args.train_steps, args.rank, args.learning_rate, args.sampling_steps, args.guidance
+    )
     t = report["training"]
     print(f"base: {report['base']}")
     print(
-        f"trained 'subject' for {t['steps']} steps in {t['seconds']:.1f} s: loss on the subject images "
-        f"{t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}"
+        f"trained a rank-{t['rank']} GraLoRA adapter for {t['steps']} steps in {t['seconds']:.0f} s: loss on the "
+        f"subject images {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}"
     )
-    for name, diff in report["mean_abs_diff_vs_base"].items():
-        print(f"  {name:<30} mean |image - base| = {diff:.4f}")
-    print(f"fused vs unfused blend: max abs diff {report['max_abs_diff_fused_vs_unfused']:.2e}")
-    s = report["seconds"]
-    print(
-        f"seconds: load {s['load_base']:.2f}, generate unfused {s['generate_unfused']:.3f}, "
-        f"fuse {s['fuse']:.3f}, generate fused {s['generate_fused']:.3f}"
-    )
+    print(f"{'':<10} similarity to the subject  recognised as the subject  drift on unrelated prompts")
+    for name, s in report["scores"].items():
+        print(f"{name:<10} {s['similarity']:>25.3f}  {s['recognised']:>25.0%}  {s['drift']:>26.3f}")
+    print(f"fused vs unfused adapter: max abs pixel difference {report['max_abs_pixel_diff_fused_vs_unfused']:.0f}")
     print(f"wrote {report['grid']}")
 
 

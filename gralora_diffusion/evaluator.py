@@ -68,3 +68,37 @@ def judge(model: ShapeEvaluator, images: list[Image.Image]) -> dict:
         "shape": [ALL_SHAPES[i] for i in shape_logits.argmax(1).tolist()],
         "color": [list(ALL_COLORS)[i] for i in color_logits.argmax(1).tolist()],
     }
+
+
+@torch.no_grad()
+def subject_scores(
+    model: ShapeEvaluator,
+    instances: list[Image.Image],
+    subject_images: list[Image.Image],
+    unrelated: list[Image.Image] | None = None,
+    unrelated_base: list[Image.Image] | None = None,
+) -> dict:
+    """DreamBooth metrics in the manner of PEFT's image benchmark, with this evaluator in DINO's place.
+
+    ``similarity``: mean cosine between the embeddings of ``subject_images`` (generations of the trigger prompt) and
+    of the ``instances``. ``recognised``: share of ``subject_images`` judged to be the held-out subject (a teal moon).
+    ``drift`` (when ``unrelated`` and ``unrelated_base`` are given, pairwise from the same seeds): mean 1 - cosine
+    between the tuned and the base model's images of unrelated prompts.
+    """
+    from .world import SUBJECT_COLOR, SUBJECT_SHAPE
+
+    reference = judge(model, instances)["embedding"]
+    subject = judge(model, subject_images)
+    scores = {
+        "similarity": (subject["embedding"] @ reference.T).mean().item(),
+        "recognised": sum(
+            s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(subject["shape"], subject["color"])
+        )
+        / len(subject_images),
+    }
+    if unrelated is not None and unrelated_base is not None:
+        if len(unrelated) != len(unrelated_base):
+            raise ValueError("drift compares images pairwise: pass as many tuned as base images of unrelated prompts")
+        tuned, base = judge(model, unrelated)["embedding"], judge(model, unrelated_base)["embedding"]
+        scores["drift"] = (1 - (tuned * base).sum(dim=1)).mean().item()
+    return scores

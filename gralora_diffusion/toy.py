@@ -250,6 +250,36 @@ def toy_sdxl_base_dir(seed: int = 0) -> Path:
     return directory
 
 
+WORLD_BASE_DIR = Path(__file__).parent / "assets" / "toy-sdxl-world"
+
+
+def toy_world_base_dir() -> Path:
+    """The committed toy base pretrained on the shape world (``scripts/pretrain_toy.py`` reproduces it).
+
+    Unlike the random toy base it draws what it is asked ("a red star on a gray background"), so fine-tuning on the
+    held-out subject shows in the pictures and in the evaluator's scores.
+    """
+    if not (WORLD_BASE_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the pretrained toy base is missing from {WORLD_BASE_DIR}: reinstall the package, or rebuild it with "
+            "python scripts/pretrain_toy.py"
+        )
+    return WORLD_BASE_DIR
+
+
+TOY_BASE_NAMES = {"toy": "the random tiny SDXL", "toy-world": "the tiny SDXL pretrained on the shape world"}
+
+
+def resolve_base(base: str | None) -> str:
+    """A base given by name: ``None`` or ``"toy"`` is the random toy SDXL, ``"toy-world"`` the pretrained one;
+    anything else (a folder or hub id) is returned as it is."""
+    if base is None or base == "toy":
+        return str(toy_sdxl_base_dir())
+    if base == "toy-world":
+        return str(toy_world_base_dir())
+    return base
+
+
 def save_random_toy_adapter(
     path: str | os.PathLike,
     seed: int,

@@ -192,11 +192,11 @@ def load_studio(base: str | None, adapters: str | Path, device: str | None = Non
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from .toy import toy_sdxl_base_dir
+    from .toy import resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
-    source = base or str(toy_sdxl_base_dir())
+    source = resolve_base(base)
     pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Studio(pipe, AdapterLibrary(adapters), base_name=base or "toy-sdxl")
@@ -204,7 +204,9 @@ def load_studio(base: str | None, adapters: str | Path, device: str | None = Non
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="GraLoRA studio: blend GraLoRA adapters and generate.")
-    p.add_argument("--base", default=None, help="SDXL folder or hub id (default: the offline toy base)")
+    p.add_argument(
+        "--base", default=None, help="SDXL folder or hub id; toy, toy-world: offline toy bases (default: toy)"
+    )
     p.add_argument("--adapters", default="adapters", help="folder of GraLoRA .safetensors adapters")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--rows", type=int, default=5, help="number of adapter rows")

@@ -1,7 +1,7 @@
 """A procedural image world where learning is visible on a CPU: coloured shapes on plain backgrounds, with captions.
 
 Every image is a pure function of (seed, index): no files, the same pictures on every machine. The training world
-has 8 shapes x 8 colours on varied backgrounds, sizes, positions and rotations; the held-out *subject* (a teal
+has 5 shapes x 8 colours on varied backgrounds, sizes, positions and slight tilts; the held-out *subject* (a teal
 crescent moon, never drawn for the base model) is what DreamBooth runs teach with the trigger prompt
 "a photo of sks shape".
 """
@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "diamond")
+# Shapes of the training world: five outlines that stay distinct when a small model draws them roughly.
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+# Shapes the evaluator tells apart: the world's, three near misses (a cross is a thin star, a ring a hollow circle, a
+# diamond a squeezed square) that the base must not drift into, and the held-out subject's moon.
+JUDGED_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "diamond", "moon")
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -30,8 +34,11 @@ BACKGROUNDS = {**COLORS, "gray": (128, 128, 128)}
 SUBJECT_SHAPE = "moon"
 SUBJECT_COLOR = ("teal", (0, 150, 150))
 SUBJECT_PROMPT = "a photo of sks shape"
-ALL_SHAPES = SHAPES + (SUBJECT_SHAPE,)
+ALL_SHAPES = JUDGED_SHAPES
 ALL_COLORS = {**COLORS, SUBJECT_COLOR[0]: SUBJECT_COLOR[1]}
+# Training-world shapes stand upright within this many radians (a star points up, a heart sits on its tip), so a
+# shape's name means one outline up to size, place and a slight tilt; the evaluator is trained on every angle.
+WORLD_TILT = math.pi / 12
 
 
 @dataclass(frozen=True)
@@ -124,20 +131,26 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4) -> 
     return image.resize((image_size, image_size), Image.LANCZOS)
 
 
-def sample_scene(rng: random.Random, shape: str | None = None, color: str | None = None) -> Scene:
-    """A random scene (shape and colour may be fixed); the background always differs from the shape's colour."""
+def sample_scene(
+    rng: random.Random, shape: str | None = None, color: str | None = None, tilt: float | None = None
+) -> Scene:
+    """A random scene (shape and colour may be fixed); the background always differs from the shape's colour.
+
+    ``tilt=None`` turns the shape to any angle; a number keeps it upright within +-``tilt`` radians.
+    """
     shape = shape or rng.choice(SHAPES)
     color = color or rng.choice(list(COLORS))
     background = rng.choice([b for b in ("white", "black", "gray", "blue", "yellow") if b != color])
     size = rng.uniform(11, 20)
     margin = size + 2
     center = (rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin))
-    return Scene(shape, color, background, size, center, rng.uniform(0, 2 * math.pi))
+    rotation = rng.uniform(0, 2 * math.pi) if tilt is None else rng.uniform(-tilt, tilt)
+    return Scene(shape, color, background, size, center, rotation)
 
 
 def world_example(seed: int, index: int) -> tuple[Image.Image, Scene]:
-    """Image ``index`` of the training world for ``seed`` (deterministic)."""
-    scene = sample_scene(random.Random(f"world:{seed}:{index}"))
+    """Image ``index`` of the training world for ``seed`` (deterministic): shapes upright within +-15 degrees."""
+    scene = sample_scene(random.Random(f"world:{seed}:{index}"), tilt=WORLD_TILT)
     return render(scene), scene
 
 

@@ -216,7 +216,7 @@ def seen_prompts() -> list[str]:
 
 
 @torch.no_grad()
-def judge_pipeline(pipe, per_prompt: int = 2, steps: int = 20, guidance: float = 5.0, device="cpu") -> dict:
+def judge_pipeline(pipe, per_prompt: int = 3, steps: int = 20, guidance: float = 3.0, device="cpu") -> dict:
     """Generate ``per_prompt`` images for each seen shape x colour prompt; the evaluator names shape and colour."""
     evaluator = load_evaluator()
     pipe.set_progress_bar_config(disable=True)

@@ -20,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
         "text encoders). Flags follow diffusers' train_dreambooth_lora_sdxl.py."
     )
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL folder or hub id; 'toy' = offline toy")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL folder or hub id; toy, toy-world: offline toy bases",
+    )
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a better VAE (e.g. the fp16-fix VAE)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
