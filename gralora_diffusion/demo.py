@@ -38,7 +38,9 @@ def write_subject_images(folder: Path, count: int = 5) -> Path:
     return folder
 
 
-def train_subject(out_dir: Path, base: str, steps: int, rank: int, learning_rate: float) -> Path:
+def train_subject(
+    out_dir: Path, base: str, steps: int, rank: int, learning_rate: float, text_encoder_lr: float | None
+) -> Path:
     """Run the DreamBooth trainer (in this process) on the subject images; return the adapter file."""
     from .training.dreambooth import main as train_main
 
@@ -52,6 +54,7 @@ def train_subject(out_dir: Path, base: str, steps: int, rank: int, learning_rate
             f"--max_train_steps={steps}", f"--checkpointing_steps={steps}", "--report_to=none",
             "--overwrite_output_dir", "--seed=0",
         ]
+        + ([] if text_encoder_lr is None else ["--train_text_encoder", f"--text_encoder_lr={text_encoder_lr}"])
     )  # fmt: skip
     if code != 0:
         raise SystemExit(code)
@@ -98,6 +101,7 @@ def run_demo(
     train_steps: int = 300,
     rank: int = 16,
     learning_rate: float = 1e-3,
+    text_encoder_lr: float | None = 1e-3,
     sampling_steps: int = 20,
     guidance: float = 3.0,
 ) -> dict:
@@ -108,7 +112,7 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = str(base or toy_world_base_dir())
     t0 = time.perf_counter()
-    adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate)
+    adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
     t_train = time.perf_counter() - t0
     training = json.loads((adapter.parent / "train_metrics.json").read_text())
 

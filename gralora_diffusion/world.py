@@ -106,13 +106,21 @@ def _unit_shape(shape: str) -> list[tuple[float, float]] | None:
     return None
 
 
-def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4) -> Image.Image:
-    """Draw ``scene`` antialiased (drawn at ``supersample`` x the size, then reduced)."""
+def render(
+    scene: Scene,
+    image_size: int = IMAGE_SIZE,
+    supersample: int = 4,
+    fill: tuple[int, int, int] | None = None,
+    background: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """Draw ``scene`` antialiased (drawn at ``supersample`` x the size, then reduced); ``fill`` and ``background``
+    (RGB) override the named colours."""
     big = image_size * supersample
     s = supersample
-    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    background = background or BACKGROUNDS[scene.background]
+    image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
-    fill = ALL_COLORS[scene.color]
+    fill = fill or ALL_COLORS[scene.color]
     cx, cy = scene.center[0] * s, scene.center[1] * s
     r = scene.size * s
     if scene.shape == "circle":
@@ -120,12 +128,12 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4) -> 
     elif scene.shape == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         inner = 0.55 * r
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=BACKGROUNDS[scene.background])
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=background)
     elif scene.shape == "moon":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         dx, dy = 0.45 * r * math.cos(scene.rotation), 0.45 * r * math.sin(scene.rotation)
         cut = 0.85 * r
-        draw.ellipse((cx + dx - cut, cy + dy - cut, cx + dx + cut, cy + dy + cut), fill=BACKGROUNDS[scene.background])
+        draw.ellipse((cx + dx - cut, cy + dy - cut, cx + dx + cut, cy + dy + cut), fill=background)
     else:
         draw.polygon(_polygon(_unit_shape(scene.shape), (cx, cy), r, scene.rotation), fill=fill)
     return image.resize((image_size, image_size), Image.LANCZOS)
@@ -152,6 +160,22 @@ def world_example(seed: int, index: int) -> tuple[Image.Image, Scene]:
     """Image ``index`` of the training world for ``seed`` (deterministic): shapes upright within +-15 degrees."""
     scene = sample_scene(random.Random(f"world:{seed}:{index}"), tilt=WORLD_TILT)
     return render(scene), scene
+
+
+def codec_example(seed: int, index: int) -> tuple[Image.Image, tuple[int, int, int]]:
+    """An image for training the VAE (returned with its background RGB): half are world images, half world shapes at
+    any angle in random RGB colours on random RGB backgrounds, so that the VAE, like a real one, reproduces colours
+    the captions never name (the held-out subject's teal among them) instead of snapping them to the palette."""
+    rng = random.Random(f"codec:{seed}:{index}")
+    if rng.random() < 0.5:
+        image, scene = world_example(seed, index)
+        return image, BACKGROUNDS[scene.background]
+    scene = sample_scene(rng)
+    fill = tuple(rng.randrange(256) for _ in range(3))
+    background = fill
+    while sum(abs(a - b) for a, b in zip(fill, background)) < 120:
+        background = tuple(rng.randrange(256) for _ in range(3))
+    return render(scene, fill=fill, background=background), background
 
 
 def subject_example(index: int) -> tuple[Image.Image, Scene]:
