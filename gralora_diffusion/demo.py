@@ -101,7 +101,7 @@ def run_demo(
     train_steps: int = 300,
     rank: int = 16,
     learning_rate: float = 1e-3,
-    text_encoder_lr: float | None = 1e-3,
+    text_encoder_lr: float | None = None,
     sampling_steps: int = 20,
     guidance: float = 3.0,
 ) -> dict:
