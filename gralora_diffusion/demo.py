@@ -98,6 +98,7 @@ def _pixels(rows: list[list[Image.Image]]) -> np.ndarray:
 def run_demo(
     out_dir: Path,
     base: str | None = None,
+    *,
     train_steps: int = 300,
     rank: int = 16,
     learning_rate: float = 1e-3,
@@ -174,11 +175,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--text_encoder_lr", type=float, default=None, help="also train both text encoders' adapters at this lr"
+    )
     parser.add_argument("--sampling_steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     args = parser.parse_args(argv)
     report = run_demo(
-        args.out, args.base, args.train_steps, args.rank, args.learning_rate, args.sampling_steps, args.guidance
+        args.out,
+        args.base,
+        train_steps=args.train_steps,
+        rank=args.rank,
+        learning_rate=args.learning_rate,
+        text_encoder_lr=args.text_encoder_lr,
+        sampling_steps=args.sampling_steps,
+        guidance=args.guidance,
     )
     t = report["training"]
     print(f"base: {report['base']}")

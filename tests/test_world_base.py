@@ -61,3 +61,22 @@ def test_short_gralora_run_teaches_the_subject_and_keeps_the_rest(tmp_path):
     assert tuned["drift"] <= 0.2, report["scores"]
     assert report["max_abs_pixel_diff_fused_vs_unfused"] <= 2
     assert report["training"]["eval_loss_after"] < report["training"]["eval_loss_before"]
+
+
+def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):
+    """Each flag lands on its own parameter (a positional slip once passed the sampling steps as a learning rate)."""
+    from gralora_diffusion import demo
+
+    seen = {}
+
+    def fake_run_demo(out, base, **kwargs):
+        seen.update(kwargs, out=out, base=base)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--train_steps", "7", "--sampling_steps", "9", "--guidance", "2.5"])
+    assert seen == {
+        "out": tmp_path, "base": None, "train_steps": 7, "rank": 16, "learning_rate": 1e-3, "text_encoder_lr": None,
+        "sampling_steps": 9, "guidance": 2.5,
+    }  # fmt: skip
