@@ -133,10 +133,6 @@ def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: fl
     return images
 
 
-def score(evaluator, instances, subject_images, unrelated_tuned, unrelated_base) -> dict:
-    return subject_scores(evaluator, instances, subject_images, unrelated_tuned, unrelated_base)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=Path("gralora_diffusion/assets/toy-sdxl-world"))
@@ -170,7 +166,7 @@ def main() -> None:
     generation = (args.sampling_steps, args.guidance)
     base_subject = generate(base, [SUBJECT_PROMPT], args.images, *generation)
     base_unrelated = generate(base, UNRELATED, 2, *generation)
-    base_score = score(evaluator, instances, base_subject, base_unrelated, base_unrelated)
+    base_score = subject_scores(evaluator, instances, base_subject, base_unrelated, base_unrelated)
     print(f"base: similarity {base_score['similarity']:.3f}, recognised {base_score['recognised']:.2f}")
 
     def run(method: str, lr: float, seed: int) -> dict:
@@ -179,7 +175,7 @@ def main() -> None:
         subject = generate(pipe, [SUBJECT_PROMPT], args.images, *generation)
         unrelated = generate(pipe, UNRELATED, 2, *generation)
         result = {"method": method, "lr": lr, "seed": seed, "params": params, "train_seconds": seconds}
-        result |= score(evaluator, instances, subject, unrelated, base_unrelated)
+        result |= subject_scores(evaluator, instances, subject, unrelated, base_unrelated)
         print(f"{method:>12} lr {lr:.0e} seed {seed}: sim {result['similarity']:.3f} "
               f"rec {result['recognised']:.2f} drift {result['drift']:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
         return result

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import adapters as api
-from .toy import toy_world_base_dir
+from .toy import resolve_base, toy_world_base_dir
 from .world import SUBJECT_PROMPT, subject_example
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
@@ -111,7 +111,7 @@ def run_demo(
     from .evaluator import load_evaluator, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_path = str(base or toy_world_base_dir())
+    base_path = str(toy_world_base_dir()) if base is None else resolve_base(base)
     t0 = time.perf_counter()
     adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
     t_train = time.perf_counter() - t0
@@ -136,11 +136,11 @@ def run_demo(
 
     evaluator = load_evaluator()
     instances = [subject_example(i)[0] for i in range(5)]
-    scores = {}
-    for name, rows in columns.items():
-        unrelated = [im for row in rows[1:] for im in row]
-        base_unrelated = [im for row in columns["base"][1:] for im in row]
-        scores[name] = subject_scores(evaluator, instances, rows[0], unrelated, base_unrelated)
+    base_unrelated = [im for row in columns["base"][1:] for im in row]
+    scores = {
+        name: subject_scores(evaluator, instances, rows[0], [im for row in rows[1:] for im in row], base_unrelated)
+        for name, rows in columns.items()
+    }
 
     grid_path = out_dir / "grid.png"
     tmp = out_dir / "grid.tmp.png"
@@ -171,7 +171,7 @@ def run_demo(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    parser.add_argument("--base", default=None, help="diffusers SDXL folder (default: the pretrained toy base)")
+    parser.add_argument("--base", default=None, help="SDXL folder, or toy / toy-world (default: toy-world)")
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)

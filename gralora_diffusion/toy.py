@@ -267,9 +267,6 @@ def toy_world_base_dir() -> Path:
     return WORLD_BASE_DIR
 
 
-TOY_BASE_NAMES = {"toy": "the random tiny SDXL", "toy-world": "the tiny SDXL pretrained on the shape world"}
-
-
 def resolve_base(base: str | None) -> str:
     """A base given by name: ``None`` or ``"toy"`` is the random toy SDXL, ``"toy-world"`` the pretrained one;
     anything else (a folder or hub id) is returned as it is."""

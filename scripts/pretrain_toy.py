@@ -205,27 +205,27 @@ def train_unet(
 
 
 @torch.no_grad()
-def vae_round_trip_accuracy(vae, device, images: int = 256) -> float:
-    """Share of world images whose shape and colour the evaluator still recognises after encode + decode."""
-    evaluator = load_evaluator()
-    pixels, captions = world_batch(0, images, seed=300, device=device)
+def judge_round_trip(vae, pixels: torch.Tensor) -> dict:
+    """The evaluator's verdict on ``pixels`` (in [-1, 1]) after a VAE encode + decode."""
     decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
     arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    verdict = judge(evaluator, [Image.fromarray(a) for a in arrays])
+    return judge(load_evaluator(), [Image.fromarray(a) for a in arrays])
+
+
+def vae_round_trip_accuracy(vae, device, images: int = 256) -> float:
+    """Share of world images whose shape and colour the evaluator still recognises after encode + decode."""
+    pixels, captions = world_batch(0, images, seed=300, device=device)
+    verdict = judge_round_trip(vae, pixels)
     truth = [c.split()[1:3] for c in captions]
     hits = [s == shape and c == color for s, c, (color, shape) in zip(verdict["shape"], verdict["color"], truth)]
     return sum(hits) / images
 
 
-@torch.no_grad()
 def subject_round_trip(vae) -> float:
     """Share of the five subject instance images still judged a teal moon after encode + decode (the VAE must be
     able to draw what DreamBooth runs will teach)."""
-    evaluator = load_evaluator()
     pixels = to_pixels([subject_example(i)[0] for i in range(5)]) * 2 - 1
-    decoded = vae.decode(vae.encode(pixels.to(vae.device)).latent_dist.mode()).sample
-    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    verdict = judge(evaluator, [Image.fromarray(a) for a in arrays])
+    verdict = judge_round_trip(vae, pixels.to(vae.device))
     return sum(s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])) / 5
 
 

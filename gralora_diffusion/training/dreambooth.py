@@ -184,10 +184,9 @@ def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, w
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.pretrained_model_name_or_path in ("toy", "toy-world"):
-        from ..toy import resolve_base
+    from ..toy import resolve_base
 
-        args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     try:
         check_args(args)
         if args.instance_data_dir:
