@@ -162,12 +162,13 @@ def world_example(seed: int, index: int) -> tuple[Image.Image, Scene]:
     return render(scene), scene
 
 
-def codec_example(seed: int, index: int) -> tuple[Image.Image, tuple[int, int, int]]:
-    """An image for training the VAE (returned with its background RGB): half are world images, half world shapes at
-    any angle in random RGB colours on random RGB backgrounds, so that the VAE, like a real one, reproduces colours
-    the captions never name (the held-out subject's teal among them) instead of snapping them to the palette."""
+def codec_example(seed: int, index: int, random_share: float = 0.25) -> tuple[Image.Image, tuple[int, int, int]]:
+    """An image for training the VAE (returned with its background RGB): world images, and (a ``random_share`` of
+    them) world shapes at any angle in random RGB colours on random RGB backgrounds, so that the VAE, like a real one,
+    reproduces colours the captions never name (the held-out subject's teal among them) instead of snapping them to
+    the palette."""
     rng = random.Random(f"codec:{seed}:{index}")
-    if rng.random() < 0.5:
+    if rng.random() >= random_share:
         image, scene = world_example(seed, index)
         return image, BACKGROUNDS[scene.background]
     scene = sample_scene(rng)

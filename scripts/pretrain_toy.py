@@ -51,9 +51,11 @@ def cosine_lr(step: int, total: int, warmup: int = 200, floor: float = 0.1) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def codec_batch(start: int, count: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def codec_batch(
+    start: int, count: int, seed: int, device, random_share: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE training images (world images and randomly coloured shapes) in [-1, 1] and their background RGBs."""
-    examples = [codec_example(seed, i) for i in range(start, start + count)]
+    examples = [codec_example(seed, i, random_share) for i in range(start, start + count)]
     pixels = (to_pixels([im for im, _ in examples]) * 2 - 1).to(device)
     return pixels, torch.tensor([bg for _, bg in examples], dtype=torch.float32)
 
@@ -64,18 +66,22 @@ def object_mask(pixels: torch.Tensor, backgrounds: torch.Tensor) -> torch.Tensor
     return ((pixels - backgrounds).abs().sum(dim=1, keepdim=True) > 0.1).float()
 
 
-def train_vae(vae, steps: int, batch: int, lr: float, device, log, object_weight: float = 4.0) -> None:
+def train_vae(
+    vae, steps: int, batch: int, lr: float, device, log, object_weight: float = 4.0, random_share: float = 0.25
+) -> None:
     """Reconstruction (L1 + MSE, pixels of the shape weighted ``1 + object_weight``) plus a small KL term.
 
     The shape covers a fifth of an image or less; unweighted, a VAE could draw it in the wrong colour at little
-    cost, and did (green decoded as black, red as orange). Half the images are shapes in random RGB colours: trained
-    on the world's eight colours alone, the VAE decoded the held-out subject's teal as blue.
+    cost, and did (green decoded as black, red as orange). A ``random_share`` of the images are shapes in random RGB
+    colours: trained on the world's eight colours alone, the VAE decoded the held-out subject's teal as blue.
+    Half of them made a blurrier VAE (world images recognised after a round trip: 87%); a quarter: 96%, and teal
+    survives as well.
     """
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup=50))
     vae.train()
     for step in range(steps):
-        pixels, backgrounds = codec_batch(step * batch, batch, seed=100, device=device)
+        pixels, backgrounds = codec_batch(step * batch, batch, seed=100, device=device, random_share=random_share)
         weight = 1 + object_weight * object_mask(pixels, backgrounds)
         posterior = vae.encode(pixels).latent_dist
         generator = torch.Generator(device).manual_seed(step)
@@ -265,7 +271,9 @@ def main() -> None:
     parser.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 32])
     parser.add_argument("--vae_steps", type=int, default=2000)
     parser.add_argument("--vae_batch", type=int, default=8)
-    parser.add_argument("--vae_lr", type=float, default=1e-3)
+    parser.add_argument("--vae_lr", type=float, default=3e-3)
+    parser.add_argument("--vae_random_share", type=float, default=0.25, help="share of random-colour VAE images")
+    parser.add_argument("--vae_only", action="store_true", help="stop after the VAE (writes the VAE and its report)")
     parser.add_argument("--unet_steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dataset_size", type=int, default=16384, help="world images encoded once (0: stream)")
@@ -300,12 +308,19 @@ def main() -> None:
         pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from / "vae").state_dict())
         pipe.vae.requires_grad_(False).eval()
     else:
-        train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, device, log)
+        train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, device, log,
+                  random_share=args.vae_random_share)  # fmt: skip
     vae_seconds = time.time() - start
     factor = calibrate_scaling_factor(pipe.vae, device)
     round_trip, subject_trip = vae_round_trip_accuracy(pipe.vae, device), subject_round_trip(pipe.vae)
     log(f"vae trained in {vae_seconds:.0f} s; scaling_factor {factor:.4f}; round-trip recognised {round_trip:.3f}, "
         f"held-out subject {subject_trip:.1f}")  # fmt: skip
+    if args.vae_only:
+        pipe.vae.to("cpu").save_pretrained(args.out / "vae", safe_serialization=True)
+        vae_report = {"vae_round_trip": round_trip, "vae_subject_round_trip": subject_trip,
+                      "vae_seconds": vae_seconds, "settings": vars(args)}  # fmt: skip
+        (args.out / "vae_report.json").write_text(json.dumps(vae_report, default=str))
+        return
     checkpoints = {}
 
     def on_eval(step, ema):
