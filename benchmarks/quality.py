@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("gralora_diffusion/assets/toy-sdxl-world"))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="adapters' lr grid")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="adapters' lr grid")
     parser.add_argument("--full_lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4], help="full FT's lr grid")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=4)
