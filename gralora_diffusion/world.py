@@ -36,6 +36,8 @@ SUBJECT_COLOR = ("teal", (0, 150, 150))
 SUBJECT_PROMPT = "a photo of sks shape"
 ALL_SHAPES = JUDGED_SHAPES
 ALL_COLORS = {**COLORS, SUBJECT_COLOR[0]: SUBJECT_COLOR[1]}
+# Share of the VAE's training images that show a world shape in random RGB colours (see ``codec_example``).
+CODEC_RANDOM_SHARE = 0.25
 # Training-world shapes stand upright within this many radians (a star points up, a heart sits on its tip), so a
 # shape's name means one outline up to size, place and a slight tilt; the evaluator is trained on every angle.
 WORLD_TILT = math.pi / 12
@@ -156,13 +158,21 @@ def sample_scene(
     return Scene(shape, color, background, size, center, rotation)
 
 
+def seen_prompts() -> list[str]:
+    """The caption of each training-world shape x colour, on white (a white shape on black)."""
+    return [Scene(shape, color, "black" if color == "white" else "white", 15, (32, 32), 0).caption
+            for shape in SHAPES for color in COLORS]  # fmt: skip
+
+
 def world_example(seed: int, index: int) -> tuple[Image.Image, Scene]:
     """Image ``index`` of the training world for ``seed`` (deterministic): shapes upright within +-15 degrees."""
     scene = sample_scene(random.Random(f"world:{seed}:{index}"), tilt=WORLD_TILT)
     return render(scene), scene
 
 
-def codec_example(seed: int, index: int, random_share: float = 0.25) -> tuple[Image.Image, tuple[int, int, int]]:
+def codec_example(
+    seed: int, index: int, random_share: float = CODEC_RANDOM_SHARE
+) -> tuple[Image.Image, tuple[int, int, int]]:
     """An image for training the VAE (returned with its background RGB): world images, and (a ``random_share`` of
     them) world shapes at any angle in random RGB colours on random RGB backgrounds, so that the VAE, like a real one,
     reproduces colours the captions never name (the held-out subject's teal among them) instead of snapping them to

@@ -13,7 +13,7 @@ import torch
 
 from gralora_diffusion.evaluator import judge, load_evaluator
 from gralora_diffusion.toy import WORLD_BASE_DIR, toy_world_base_dir
-from gralora_diffusion.world import COLORS, SHAPES, Scene
+from gralora_diffusion.world import seen_prompts
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,7 @@ def test_base_is_committed_with_its_report():
 def test_base_draws_the_asked_shape_and_colour(world_pipe):
     """One image for each of the 40 seen shape x colour prompts, judged by the evaluator (fixed seeds, other than
     the pretraining report's)."""
-    prompts = [Scene(shape, color, "black" if color == "white" else "white", 15, (32, 32), 0).caption
-               for shape in SHAPES for color in COLORS]  # fmt: skip
+    prompts = seen_prompts()
     images = []
     for start in range(0, len(prompts), 10):
         images += world_pipe(
