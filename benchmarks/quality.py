@@ -77,7 +77,16 @@ def prepare(unet, method: str) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "sks-shape"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "sks-shape"
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as the report records it: relative to the repository when inside it (no machine's home folder)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def instance_images() -> list:
@@ -216,7 +225,8 @@ def main() -> None:
         )
     markdown = "\n".join(lines) + "\n"
     print(markdown)
-    report = {"base": str(args.base), "base_score": base_score, "settings": {k: str(v) for k, v in vars(args).items()},
+    settings = {k: shown_path(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items() if k != "out"}
+    report = {"base": shown_path(args.base), "base_score": base_score, "settings": settings,
               "table": table, "runs": runs, "threads": torch.get_num_threads()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((args.out, json.dumps(report, indent=2)), (args.out.with_suffix(".md"), markdown)):

@@ -159,11 +159,13 @@ def build_toy_sdxl_pipeline(
     unet_channels: tuple[int, int] = (32, 64),
     layers_per_block: int = 1,
     vae_channels: tuple[int, ...] = (16, 32),
+    transformer_layers: tuple[int, int] = (1, 2),
 ):
     """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights.
 
-    The keyword arguments size the UNet and the VAE (the pretrained toy-world base is a wider variant); the defaults
-    are the few-hundred-thousand-parameter model the tests use.
+    The keyword arguments size the UNet (``transformer_layers``: transformer blocks per attention of each UNet level)
+    and the VAE (the pretrained toy-world base is a wider variant); the defaults are the
+    few-hundred-thousand-parameter model the tests use.
     """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -174,7 +176,7 @@ def build_toy_sdxl_pipeline(
         unet_channels,
         layers_per_block,
         sample_size=64 // 2 ** (len(vae_channels) - 1),
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=tuple(transformer_layers),
         use_linear_projection=True,
         cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
         addition_embed_type="text_time",

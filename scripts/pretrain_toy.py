@@ -159,9 +159,11 @@ class EncodedWorld:
 
 
 def train_unet(
-    pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None, dataset_size: int = 0
-):
-    """Train the UNet (and the text encoders if ``train_text``); returns EMA copies of what was trained, by name.
+    pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None, dataset_size: int = 0,
+    compare_decays=(),
+):  # fmt: skip
+    """Train the UNet (and the text encoders if ``train_text``); returns EMA copies of what was trained, by name,
+    and, for each of ``compare_decays``, another EMA copy kept alongside (0: the raw trained weights), by decay.
 
     ``on_eval(step, ema_modules)`` is called after every step.
     """
@@ -185,8 +187,13 @@ def train_unet(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
     trained = {"unet": unet} | ({"text_encoder": encoders[0], "text_encoder_2": encoders[1]} if train_text else {})
-    ema = {name: copy.deepcopy(module).requires_grad_(False).eval() for name, module in trained.items()}
-    ema_params = [p for name in trained for p in ema[name].parameters()]
+
+    def copy_of_trained():
+        return {name: copy.deepcopy(module).requires_grad_(False).eval() for name, module in trained.items()}
+
+    decays = [ema_decay, *compare_decays]
+    copies = [copy_of_trained() for _ in decays]
+    ema_params = [[p for name in trained for p in ema[name].parameters()] for ema in copies]
     live_params = [p for name in trained for p in trained[name].parameters()]
     unet.train()
     size = 64.0
@@ -210,17 +217,17 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+            for target, wanted in zip(ema_params, decays):
+                torch._foreach_lerp_(target, live_params, 1 - min(wanted, (1 + step) / (10 + step)))
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}: loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if on_eval is not None:
-            on_eval(step + 1, ema)
+            on_eval(step + 1, copies[0])
     unet.eval()
     for encoder in encoders:
         encoder.requires_grad_(False).eval()
-    return ema
+    return copies[0], dict(zip(compare_decays, copies[1:]))
 
 
 @torch.no_grad()
@@ -288,6 +295,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gralora_diffusion/assets/toy-sdxl-world"))
     parser.add_argument("--unet_channels", type=int, nargs=2, default=[48, 96])
     parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument(
+        "--transformer_layers", type=int, nargs=2, default=[1, 2], help="transformer blocks per attention, per level"
+    )
     parser.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 32])
     parser.add_argument("--vae_steps", type=int, default=2000)
     parser.add_argument("--vae_batch", type=int, default=8)
@@ -304,6 +314,10 @@ def main() -> None:
     parser.add_argument("--snr_gamma", type=float, default=5.0)
     parser.add_argument("--train_text_encoders", type=int, default=1, help="1: train both text encoders with the UNet")
     parser.add_argument("--eval_at", type=int, nargs="*", default=[], help="also judge the EMA UNet at these steps")
+    parser.add_argument(
+        "--compare_ema", type=float, nargs="*", default=[],
+        help="diagnostic: also keep EMA copies at these decays (0: the raw weights) and judge them at the end",
+    )  # fmt: skip
     parser.add_argument("--vae_from", type=Path, default=None, help="reuse the VAE of an earlier run (skips stage 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -317,7 +331,7 @@ def main() -> None:
         log_lines.append(line)
 
     arch = {"unet_channels": tuple(args.unet_channels), "layers_per_block": args.layers_per_block,
-            "vae_channels": tuple(args.vae_channels)}  # fmt: skip
+            "vae_channels": tuple(args.vae_channels), "transformer_layers": tuple(args.transformer_layers)}  # fmt: skip
     pipe = build_toy_sdxl_pipeline(0, **arch)
     pipe.set_progress_bar_config(disable=True)
     for model in (pipe.text_encoder, pipe.text_encoder_2):
@@ -352,11 +366,16 @@ def main() -> None:
             checkpoints[step] = {k: v for k, v in score.items() if k != "rows"} | {"seconds": time.time() - start}
             log(f"step {step}: shape and colour correct {score['shape_and_color_correct']:.3f}")
 
-    ema = train_unet(pipe, args.unet_steps, args.batch, args.lr, args.ema_decay, args.snr_gamma,
-                     bool(args.train_text_encoders), device, log, on_eval, args.dataset_size)  # fmt: skip
+    ema, compared = train_unet(pipe, args.unet_steps, args.batch, args.lr, args.ema_decay, args.snr_gamma,
+                               bool(args.train_text_encoders), device, log, on_eval, args.dataset_size,
+                               args.compare_ema)  # fmt: skip
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
     trained = time.time() - start
+    for decay, modules in compared.items():
+        score = judge_pipeline(type(pipe)(**(pipe.components | modules)), device=device)
+        checkpoints[f"ema {decay}"] = {k: v for k, v in score.items() if k != "rows"}
+        log(f"EMA decay {decay}: shape and colour correct {score['shape_and_color_correct']:.3f}")
     report = judge_pipeline(pipe, device=device)
     report.update({"architecture": arch, "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
                    "scaling_factor": factor, "vae_round_trip": round_trip, "vae_subject_round_trip": subject_trip,
@@ -365,6 +384,9 @@ def main() -> None:
                    "checkpoints": checkpoints})  # fmt: skip
     log(f"shape and colour correct: {report['shape_and_color_correct']:.3f} over {report['images']} images")
     save_atomically(args.out, pipe.to("cpu"), "pretrain_report.json", report | {"log": log_lines})
+    for decay, modules in compared.items():  # next to --out, for a closer look at each compared copy
+        variant = type(pipe)(**(pipe.components | modules)).to("cpu")
+        save_atomically(args.out.with_name(f"{args.out.name}-ema{decay}"), variant, "checkpoint.json", {"decay": decay})
 
 
 if __name__ == "__main__":
