@@ -372,8 +372,9 @@ def main() -> None:
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
     trained = time.time() - start
-    for decay, modules in compared.items():
-        score = judge_pipeline(type(pipe)(**(pipe.components | modules)), device=device)
+    variants = {decay: type(pipe)(**(pipe.components | modules)) for decay, modules in compared.items()}
+    for decay, variant in variants.items():
+        score = judge_pipeline(variant, device=device)
         checkpoints[f"ema {decay}"] = {k: v for k, v in score.items() if k != "rows"}
         log(f"EMA decay {decay}: shape and colour correct {score['shape_and_color_correct']:.3f}")
     report = judge_pipeline(pipe, device=device)
@@ -384,9 +385,9 @@ def main() -> None:
                    "checkpoints": checkpoints})  # fmt: skip
     log(f"shape and colour correct: {report['shape_and_color_correct']:.3f} over {report['images']} images")
     save_atomically(args.out, pipe.to("cpu"), "pretrain_report.json", report | {"log": log_lines})
-    for decay, modules in compared.items():  # next to --out, for a closer look at each compared copy
-        variant = type(pipe)(**(pipe.components | modules)).to("cpu")
-        save_atomically(args.out.with_name(f"{args.out.name}-ema{decay}"), variant, "checkpoint.json", {"decay": decay})
+    for decay, variant in variants.items():  # next to --out, for a closer look at each compared copy
+        save_atomically(args.out.with_name(f"{args.out.name}-ema{decay}"), variant.to("cpu"), "checkpoint.json",
+                        {"decay": decay})  # fmt: skip
 
 
 if __name__ == "__main__":
