@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--unet_channels", type=int, nargs=2, default=[48, 96])
     parser.add_argument("--layers_per_block", type=int, default=1)
     parser.add_argument(
-        "--transformer_layers", type=int, nargs=2, default=[1, 2], help="transformer blocks per attention, per level"
+        "--transformer_layers", type=int, nargs=2, default=[1, 1], help="transformer blocks per attention, per level"
     )
     parser.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 32])
     parser.add_argument("--vae_steps", type=int, default=2000)
@@ -306,7 +306,7 @@ def main() -> None:
         "--vae_random_share", type=float, default=CODEC_RANDOM_SHARE, help="share of random-colour VAE images"
     )
     parser.add_argument("--vae_only", action="store_true", help="stop after the VAE (writes the VAE and its report)")
-    parser.add_argument("--unet_steps", type=int, default=2400)
+    parser.add_argument("--unet_steps", type=int, default=3400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dataset_size", type=int, default=16384, help="world images encoded once (0: stream)")
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -27,7 +27,8 @@ def world_pipe():
 
 def test_base_is_committed_with_its_report():
     report = json.loads((WORLD_BASE_DIR / "pretrain_report.json").read_text())
-    assert report["images"] >= 100 and 0 <= report["shape_and_color_correct"] <= 1
+    assert report["images"] >= 100 and 0.8 <= report["shape_and_color_correct"] <= 1, "below the 80% acceptance"
+    assert report["vae_seconds"] + report["train_seconds"] <= 30 * 60, "pretraining took more than 30 minutes"
     total = sum(f.stat().st_size for f in WORLD_BASE_DIR.rglob("*") if f.is_file())
     assert total <= 20 * 2**20, f"the committed base takes {total / 2**20:.1f} MB, more than the 20 MB budget"
 
@@ -48,9 +49,10 @@ def test_base_draws_the_asked_shape_and_colour(world_pipe):
     shape_right = sum(s == shape for s, (_, shape) in zip(verdict["shape"], asked)) / len(prompts)
     both = sum(c == color and s == shape for c, s, (color, shape) in zip(verdict["color"], verdict["shape"], asked))
     print(f"colour right {colour_right:.0%}, shape right {shape_right:.0%}, both {both / len(prompts):.0%}")
-    assert colour_right >= 0.7, f"colour right in {colour_right:.0%} of images: {verdict['color']}"
-    assert shape_right >= 0.5, f"shape right in {shape_right:.0%} of images: {verdict['shape']}"
-    assert both / len(prompts) >= 0.35, f"shape and colour right in {both / len(prompts):.0%} of images"
+    # Measured on the committed base: colour 100%, shape 95%, both 95% (85.6% over 320 images at other seeds).
+    assert colour_right >= 0.85, f"colour right in {colour_right:.0%} of images: {verdict['color']}"
+    assert shape_right >= 0.75, f"shape right in {shape_right:.0%} of images: {verdict['shape']}"
+    assert both / len(prompts) >= 0.7, f"shape and colour right in {both / len(prompts):.0%} of images"
 
 
 def test_short_gralora_run_teaches_the_subject_and_keeps_the_rest(tmp_path):
