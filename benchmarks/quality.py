@@ -6,8 +6,8 @@
 Modelled on PEFT's image-generation benchmark (method_comparison/image-gen: DreamBooth "sks cat", DINO similarity to
 the subject, "drift" on unrelated prompts), with the toy world's evaluator in DINO's place. Every method trains the
 same UNet on the same five instance images of the teal moon (examples/sks-shape/, "a photo of sks shape", never seen
-by the base), with the same steps, batch, noise and timesteps (one generator per seed), AdamW at a constant learning
-rate; the text encoders stay frozen. Methods:
+by the base), with the same steps, batch, noise, timesteps and adapter init (all drawn from the run's seed), AdamW at
+a constant learning rate; the text encoders stay frozen. Methods:
 
   full           every UNet weight trained
   lora-R         PEFT LoRA rank R, alpha = R (diffusers' DreamBooth-LoRA default), UNet attention projections
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from gralora_diffusion.evaluator import load_evaluator, subject_scores, to_pixels
+from gralora_diffusion.toy import shown_path
 from gralora_diffusion.training.loss import denoising_loss
 from gralora_diffusion.training.text import PromptCache
 from gralora_diffusion.world import SUBJECT_PROMPT
@@ -81,14 +82,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "sks-shape"
 
 
-def shown_path(path: Path) -> str:
-    """``path`` as the report records it: relative to the repository when inside it (no machine's home folder)."""
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def instance_images() -> list:
     from PIL import Image
 
@@ -110,6 +103,7 @@ def train(pipe, method: str, lr: float, steps: int, batch: int, seed: int) -> tu
     from diffusers import DDPMScheduler
 
     _, latents = instance_batch(pipe)
+    torch.manual_seed(seed)  # adapter init draws from the global generator: a run depends on its own seed only
     params = prepare(pipe.unet, method)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -142,13 +136,54 @@ def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: fl
     return images
 
 
+def render(base_score: dict, steps: int, batch: int, seeds: list[int], table: list[dict], runs: list[dict]) -> str:
+    """The markdown report: the table, then GraLoRA against LoRA at each rank seed by seed (a seed fixes the noise and
+    timesteps for both, so the paired gap is free of the seed-to-seed spread that the table's ranges show)."""
+    lines = [
+        f"Base: similarity {base_score['similarity']:.3f}, recognised {base_score['recognised']:.2f}. "
+        f"{steps} steps, batch {batch}, median [min, max] over seeds {seeds}.",
+        "",
+        "| method | trainable params | lr | similarity | recognised | drift | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(row, key, fmt):
+        m = row[key]
+        return f"{m['median']:{fmt}} [{m['min']:{fmt}}, {m['max']:{fmt}}]"
+
+    for row in table:
+        lines.append(
+            f"| {row['method']} | {row['params']:,} | {row['lr']:.0e} | {cell(row, 'similarity', '.3f')} | "
+            f"{cell(row, 'recognised', '.2f')} | {cell(row, 'drift', '.3f')} | {row['train_seconds']['median']:.0f} |"
+        )
+    chosen = {row["method"]: row["lr"] for row in table}
+    pairs = [
+        (m, "lora-" + m.split("-")[1])
+        for m in chosen
+        if m.startswith("gralora-") and "lora-" + m.split("-")[1] in chosen
+    ]
+    if pairs:
+        lines += ["", "GraLoRA - LoRA at equal rank, per seed (each at its picked lr):", ""]
+    for mine, theirs in pairs:
+        by_seed = [{r["seed"]: r for r in runs if r["method"] == m and r["lr"] == chosen[m]} for m in (mine, theirs)]
+        common = sorted(by_seed[0].keys() & by_seed[1].keys())
+        gaps = {k: [by_seed[0][s][k] - by_seed[1][s][k] for s in common] for k in ("similarity", "drift")}
+        wins = sum(g > 0 for g in gaps["similarity"])
+        lines.append(
+            f"- {mine} vs {theirs}: similarity higher on {wins} of {len(common)} seeds, median gap "
+            f"{statistics.median(gaps['similarity']):+.3f} [{min(gaps['similarity']):+.3f}, "
+            f"{max(gaps['similarity']):+.3f}]; drift median gap {statistics.median(gaps['drift']):+.3f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=Path("gralora_diffusion/assets/toy-sdxl-world"))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="adapters' lr grid")
-    parser.add_argument("--full_lrs", type=float, nargs="+", default=[3e-5, 1e-4, 2e-4, 3e-4], help="full FT's lr grid")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="adapters' lr grid")
+    parser.add_argument("--full_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 6e-4, 1e-3], help="full FT's lr grid")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=16, help="generations of the trigger prompt per run")
@@ -206,24 +241,7 @@ def main() -> None:
             values = [r[key] for r in mine]
             row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
         table.append(row)
-    lines = [
-        f"Base: similarity {base_score['similarity']:.3f}, recognised {base_score['recognised']:.2f}. "
-        f"{args.steps} steps, batch {args.batch}, median [min, max] over seeds {args.seeds}.",
-        "",
-        "| method | trainable params | lr | similarity | recognised | drift | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def cell(row, key, fmt):
-        m = row[key]
-        return f"{m['median']:{fmt}} [{m['min']:{fmt}}, {m['max']:{fmt}}]"
-
-    for row in table:
-        lines.append(
-            f"| {row['method']} | {row['params']:,} | {row['lr']:.0e} | {cell(row, 'similarity', '.3f')} | "
-            f"{cell(row, 'recognised', '.2f')} | {cell(row, 'drift', '.3f')} | {row['train_seconds']['median']:.0f} |"
-        )
-    markdown = "\n".join(lines) + "\n"
+    markdown = render(base_score, args.steps, args.batch, args.seeds, table, runs)
     print(markdown)
     settings = {k: shown_path(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items() if k != "out"}
     report = {"base": shown_path(args.base), "base_score": base_score, "settings": settings,

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import adapters as api
-from .toy import resolve_base, toy_world_base_dir
+from .toy import resolve_base, shown_path, toy_world_base_dir
 from .world import SUBJECT_PROMPT, subject_example
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
@@ -101,7 +101,7 @@ def run_demo(
     *,
     train_steps: int = 300,
     rank: int = 16,
-    learning_rate: float = 3e-4,
+    learning_rate: float = 1e-3,
     text_encoder_lr: float | None = None,
     sampling_steps: int = 20,
     guidance: float = 3.0,
@@ -147,7 +147,7 @@ def run_demo(
     _grid(columns).save(tmp)
     tmp.replace(grid_path)
     report = {
-        "base": base_path,
+        "base": shown_path(base_path),
         "prompts": list(prompts),
         "seeds": list(SEEDS),
         "columns": list(columns),
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=None, help="SDXL folder, or toy / toy-world (default: toy-world)")
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=3e-4, help="the quality benchmark's pick at rank 16")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="the quality benchmark's pick at rank 16")
     parser.add_argument(
         "--text_encoder_lr", type=float, default=None, help="also train both text encoders' adapters at this lr"
     )

@@ -253,6 +253,18 @@ def toy_sdxl_base_dir(seed: int = 0) -> Path:
 
 
 WORLD_BASE_DIR = Path(__file__).parent / "assets" / "toy-sdxl-world"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as reports record it: relative to the repository when inside it (no machine's home folder in a
+    committed JSON), otherwise as given (a hub id stays a hub id)."""
+    if not Path(path).exists():
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def toy_world_base_dir() -> Path:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from gralora_diffusion.toy import build_toy_sdxl_pipeline, save_toy_sdxl_pipeline
+from gralora_diffusion.toy import REPO_ROOT, build_toy_sdxl_pipeline, save_toy_sdxl_pipeline, shown_path
 
 
 def test_real_sdxl_classes():
@@ -43,3 +45,15 @@ def test_saved_base_loads_with_from_pretrained_and_generates_the_same(tmp_path, 
     out = image(loaded)
     assert out.shape == (1, 3, 64, 64)
     torch.testing.assert_close(out, image(built), atol=1e-5, rtol=0)
+
+
+def test_reports_record_paths_inside_the_repository_relative_and_others_as_given(tmp_path, monkeypatch):
+    """Committed JSON reports must not carry a machine's home folder."""
+    inside = REPO_ROOT / "gralora_diffusion" / "assets" / "toy-sdxl-world"
+    assert shown_path(inside) == str(Path("gralora_diffusion") / "assets" / "toy-sdxl-world")
+    assert shown_path(str(inside)) == shown_path(inside)
+    (tmp_path / "base").mkdir()
+    assert shown_path(tmp_path / "base") == str(tmp_path / "base")
+    monkeypatch.chdir(REPO_ROOT / "tests")
+    assert shown_path("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert shown_path("../gralora_diffusion") == "gralora_diffusion"

@@ -82,6 +82,6 @@ def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--train_steps", "7", "--sampling_steps", "9", "--guidance", "2.5"])
     assert seen == {
-        "out": tmp_path, "base": None, "train_steps": 7, "rank": 16, "learning_rate": 3e-4, "text_encoder_lr": None,
+        "out": tmp_path, "base": None, "train_steps": 7, "rank": 16, "learning_rate": 1e-3, "text_encoder_lr": None,
         "sampling_steps": 9, "guidance": 2.5,
     }  # fmt: skip
