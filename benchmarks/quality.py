@@ -137,8 +137,8 @@ def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: fl
 
 
 def render(base_score: dict, steps: int, batch: int, seeds: list[int], table: list[dict], runs: list[dict]) -> str:
-    """The markdown report: the table, then GraLoRA against LoRA at each rank seed by seed (a seed fixes the noise and
-    timesteps for both, so the paired gap is free of the seed-to-seed spread that the table's ranges show)."""
+    """The markdown report: the table, then GraLoRA against LoRA at each rank seed by seed (a seed fixes the training
+    noise and timesteps for both methods, so pairing removes the part of the seed-to-seed spread that they cause)."""
     lines = [
         f"Base: similarity {base_score['similarity']:.3f}, recognised {base_score['recognised']:.2f}. "
         f"{steps} steps, batch {batch}, median [min, max] over seeds {seeds}.",
