@@ -157,11 +157,7 @@ def render(base_score: dict, steps: int, batch: int, seeds: list[int], table: li
             f"{cell(row, 'recognised', '.2f')} | {cell(row, 'drift', '.3f')} | {row['train_seconds']['median']:.0f} |"
         )
     chosen = {row["method"]: row["lr"] for row in table}
-    pairs = [
-        (m, "lora-" + m.split("-")[1])
-        for m in chosen
-        if m.startswith("gralora-") and "lora-" + m.split("-")[1] in chosen
-    ]
+    pairs = [(m, m.removeprefix("gra")) for m in chosen if m.startswith("gralora-") and m.removeprefix("gra") in chosen]
     if pairs:
         lines += ["", "GraLoRA - LoRA at equal rank, per seed (each at its picked lr):", ""]
     for mine, theirs in pairs:
