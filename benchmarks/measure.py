@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def step_memory_bytes(model: nn.Module, forward: Callable[[], torch.Tensor], device: torch.device) -> int:
@@ -42,6 +43,35 @@ def step_memory_bytes(model: nn.Module, forward: Callable[[], torch.Tensor], dev
         loss = forward()
     loss.backward()
     return sum(storages.values())
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators a region dispatches to the backend: after autograd, composite ops decomposed.
+
+    This is what a GPU pays host time for, whatever the device: ``total`` every operator, ``compute`` those that are
+    not views (each of them launches at least one kernel on a GPU), ``copies`` the memory copies (clone, copy_,
+    contiguous, dtype casts) of at least ``copy_numel`` elements, e.g. an activation-sized re-layout.
+    """
+
+    VIEWS = {"_unsafe_view", "_reshape_alias", "detach", "alias", "lift_fresh"}
+    COPIES = {"clone", "copy_", "_to_copy", "contiguous"}
+
+    def __init__(self, copy_numel: int = 0):
+        super().__init__()
+        self.copy_numel = copy_numel
+        self.total = self.compute = self.copies = 0
+        self.names: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.total += 1
+        self.names[name] = self.names.get(name, 0) + 1
+        if not (func.is_view or name in self.VIEWS):
+            self.compute += 1
+        if name in self.COPIES and isinstance(out, torch.Tensor) and out.numel() >= max(self.copy_numel, 1):
+            self.copies += 1
+        return out
 
 
 def write_report(out: Path, device: torch.device, dtype: torch.dtype, rows: list[dict], **settings) -> None:

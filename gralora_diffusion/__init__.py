@@ -3,76 +3,96 @@
 The public API mirrors diffusers' LoRA vocabulary: ``load_gralora_weights``, ``set_gralora_adapters``,
 ``fuse_gralora``, ``unfuse_gralora``, ``disable_gralora``, ``enable_gralora``, ``delete_gralora_adapters``,
 ``unload_gralora_weights``, ``get_gralora_adapters`` and ``save_gralora_weights``.
+
+Names are imported lazily on first use (PEP 562), so importing a leaf module such as ``gralora_diffusion.world``
+does not pay for torch, diffusers and PEFT, and importing the package has no side effects.
 """
 
-from .adapters import (
-    GraloraAdapterError,
-    adapter_state_dict,
-    add_gralora_adapter,
-    delete_gralora_adapters,
-    disable_gralora,
-    enable_gralora,
-    fuse_gralora,
-    get_active_gralora_adapters,
-    get_fused_gralora_adapters,
-    get_gralora_adapters,
-    gralora_config_of,
-    load_gralora_weights,
-    pipeline_components,
-    save_gralora_weights,
-    set_gralora_adapters,
-    unfuse_gralora,
-    unload_gralora_weights,
-)
-from .config import (
-    TARGET_PRESETS,
-    GraloraConfigError,
-    check_gralora_fits,
-    default_gralora_k,
-    make_gralora_config,
-)
-from .export import ExportError, ExportResult, export_lora, to_lora
-from .io import AdapterFile, AdapterFileError, export_peft_folder, read_adapter, save_adapter_file
-from .layers import install_lora_compatible_scaling
-from .pipeline import GraloraPipelineMixin, with_gralora
+from __future__ import annotations
 
-install_lora_compatible_scaling()
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TARGET_PRESETS",
-    "AdapterFile",
-    "AdapterFileError",
-    "GraloraAdapterError",
-    "GraloraConfigError",
-    "ExportError",
-    "ExportResult",
-    "GraloraPipelineMixin",
-    "adapter_state_dict",
-    "add_gralora_adapter",
-    "check_gralora_fits",
-    "default_gralora_k",
-    "delete_gralora_adapters",
-    "disable_gralora",
-    "enable_gralora",
-    "export_lora",
-    "export_peft_folder",
-    "fuse_gralora",
-    "get_active_gralora_adapters",
-    "get_fused_gralora_adapters",
-    "get_gralora_adapters",
-    "gralora_config_of",
-    "install_lora_compatible_scaling",
-    "load_gralora_weights",
-    "make_gralora_config",
-    "pipeline_components",
-    "read_adapter",
-    "save_adapter_file",
-    "save_gralora_weights",
-    "set_gralora_adapters",
-    "to_lora",
-    "unfuse_gralora",
-    "unload_gralora_weights",
-    "with_gralora",
-]
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "adapters": (
+        "GraloraAdapterError",
+        "adapter_state_dict",
+        "add_gralora_adapter",
+        "delete_gralora_adapters",
+        "disable_gralora",
+        "enable_gralora",
+        "fuse_gralora",
+        "get_active_gralora_adapters",
+        "get_fused_gralora_adapters",
+        "get_gralora_adapters",
+        "gralora_config_of",
+        "load_gralora_weights",
+        "pipeline_components",
+        "save_gralora_weights",
+        "set_gralora_adapters",
+        "unfuse_gralora",
+        "unload_gralora_weights",
+    ),
+    "config": (
+        "TARGET_PRESETS",
+        "GraloraConfigError",
+        "check_gralora_fits",
+        "default_gralora_k",
+        "make_gralora_config",
+    ),
+    "export": ("ExportError", "ExportResult", "export_lora", "to_lora"),
+    "io": ("AdapterFile", "AdapterFileError", "export_peft_folder", "read_adapter", "save_adapter_file"),
+    "layers": ("GraloraLinear", "inject_gralora"),
+    "pipeline": ("GraloraPipelineMixin", "with_gralora"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
+    from .adapters import (  # noqa: F401
+        GraloraAdapterError,
+        adapter_state_dict,
+        add_gralora_adapter,
+        delete_gralora_adapters,
+        disable_gralora,
+        enable_gralora,
+        fuse_gralora,
+        get_active_gralora_adapters,
+        get_fused_gralora_adapters,
+        get_gralora_adapters,
+        gralora_config_of,
+        load_gralora_weights,
+        pipeline_components,
+        save_gralora_weights,
+        set_gralora_adapters,
+        unfuse_gralora,
+        unload_gralora_weights,
+    )
+    from .config import (  # noqa: F401
+        TARGET_PRESETS,
+        GraloraConfigError,
+        check_gralora_fits,
+        default_gralora_k,
+        make_gralora_config,
+    )
+    from .export import ExportError, ExportResult, export_lora, to_lora  # noqa: F401
+    from .io import AdapterFile, AdapterFileError, export_peft_folder, read_adapter, save_adapter_file  # noqa: F401
+    from .layers import GraloraLinear, inject_gralora  # noqa: F401
+    from .pipeline import GraloraPipelineMixin, with_gralora  # noqa: F401

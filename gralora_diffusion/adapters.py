@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import GraloraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import GraloraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -32,7 +32,7 @@ from .io import (
     read_adapter,
     save_adapter_file,
 )
-from .layers import GraloraLayer, adapter_weight, gralora_layers, set_adapter_weight
+from .layers import GraloraLayer, adapter_weight, gralora_layers, inject_gralora, set_adapter_weight
 
 Weight = float | Mapping[str, float]
 
@@ -219,18 +219,11 @@ def _inject(model: nn.Module, adapter_name: str, config: GraloraConfig, sd: dict
         base = named[key.rsplit(".gralora_", 1)[0]]
         weight = base.get_base_layer().weight if isinstance(base, GraloraLayer) else base.weight
         converted[key] = tensor.to(device=weight.device, dtype=weight.dtype)
-    _inject_quietly(config, model, adapter_name, low_cpu_mem_usage=True)
+    inject_gralora(model, config, adapter_name, low_cpu_mem_usage=True)
     result = set_peft_model_state_dict(model, converted, adapter_name=adapter_name, low_cpu_mem_usage=True)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".gralora_" in k]
     if unexpected:
         raise GraloraAdapterError(f"PEFT did not place {len(unexpected)} tensors, e.g. {unexpected[0]!r}.")
-
-
-def _inject_quietly(config: GraloraConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool) -> None:
-    """PEFT injection; its warning about a second adapter on one model is expected here, so it is silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(config, model, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def _forget_config(model: nn.Module, adapter_name: str | None = None) -> None:
@@ -479,7 +472,7 @@ def add_gralora_adapter(
     if any(adapter_name in layer.gralora_A for _, layer in gralora_layers(model)):
         raise GraloraAdapterError(f"The {component} already has an adapter named {adapter_name!r}.")
     modules = check_gralora_fits(model, config, component)
-    _inject_quietly(config, model, adapter_name, low_cpu_mem_usage=False)
+    inject_gralora(model, config, adapter_name, low_cpu_mem_usage=False)
     for _, layer in gralora_layers(model):
         if adapter_name in layer.gralora_A:
             layer.set_adapter([adapter_name])

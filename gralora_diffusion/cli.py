@@ -101,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import adapters as api
-    from .io import _atomic_directory
+    from .fs import write_directory_atomically
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -126,7 +126,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "gralora_merge.json").write_text(json.dumps(record, indent=2))
 
-    _atomic_directory(out, write)
+    write_directory_atomically(out, write)
     print(f"merged {', '.join(f'{Path(p).name}:{w:g}' for p, w in specs)} into {out}")
     return 0
 

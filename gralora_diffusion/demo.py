@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import adapters as api
+from .fs import write_file_atomically, write_text_atomically
 from .toy import resolve_base, shown_path, toy_world_base_dir
 from .world import SUBJECT_PROMPT, subject_example
 
@@ -143,9 +144,8 @@ def run_demo(
     }
 
     grid_path = out_dir / "grid.png"
-    tmp = out_dir / "grid.tmp.png"
-    _grid(columns).save(tmp)
-    tmp.replace(grid_path)
+    grid = _grid(columns)
+    write_file_atomically(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     report = {
         "base": shown_path(base_path),
         "prompts": list(prompts),
@@ -164,7 +164,7 @@ def run_demo(
         "seconds": {"generate_6_images": t_generate, "fuse": t_fuse},
         "grid": str(grid_path),
     }
-    (out_dir / "demo.json").write_text(json.dumps(report, indent=2))
+    write_text_atomically(out_dir / "demo.json", json.dumps(report, indent=2))
     return report
 
 

@@ -43,7 +43,8 @@ from torch import nn
 
 from .adapters import CLIP_PREFIX, check_fits_pipeline
 from .config import COMPONENTS
-from .io import AdapterFile, _atomic_write, read_adapter
+from .fs import write_file_atomically
+from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
 
 LAYOUTS = ("diffusers", "kohya")
@@ -540,5 +541,5 @@ def export_lora(
     for key in ("trigger_prompt", "steps"):
         if adapter.metadata.get(key):
             metadata[key] = adapter.metadata[key]
-    _atomic_write(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_file_atomically(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return ExportResult(out_path, layout, reports, naming_source)

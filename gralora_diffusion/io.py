@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import COMPONENTS
+from .fs import write_directory_atomically, write_file_atomically
 
 FORMAT_NAME = "gralora-diffusion"
 FORMAT_VERSION = "1"
@@ -282,36 +281,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     return adapter_from_tensors(tensors, header, source=str(path))
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary name beside ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_directory(directory: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` on a hidden folder beside ``directory``, then rename it into place (which must be
-    absent or an empty folder); on any failure the temporary folder is removed and nothing appears."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
     """Write ``adapter`` as one ``.safetensors`` file, atomically (temporary name, then rename)."""
     path = Path(path)
@@ -335,7 +304,7 @@ def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
         "base_model": adapter.base_model,
         **adapter.metadata,
     }
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return path
 
 
@@ -362,4 +331,4 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
             tensors = {_PEFT_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in sd.items()}
             save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
 
-    return _atomic_directory(directory, write)
+    return write_directory_atomically(directory, write)

@@ -1,42 +1,52 @@
-"""The one place where PEFT's GraLoRA layer is extended.
+"""The package's GraLoRA layer: a subclass of PEFT's, the one place where PEFT's GraLoRA is extended.
 
-PEFT (``peft.tuners.gralora.layer``) owns the GraLoRA math: parameters, forward, ``get_delta_weight``, merge and
-unmerge. What it lacks for image generation is a per-adapter *weight*: every adapted layer should compute
-``base(x) + w_a * delta_a(x) + w_b * delta_b(x)`` with user-chosen weights, and fusing should bake those weights in.
-PEFT's forward and ``get_delta_weight`` both multiply by ``layer.scaling[adapter]`` (= alpha / (r + hybrid_r)), so a
-weight is expressed exactly as ``scaling = weight * alpha / (r + hybrid_r)``: forward, fuse and unfuse then all see
-the same number, and nothing of PEFT's math is duplicated.
+PEFT (``peft.tuners.gralora``) owns the parameters, the state dict, ``get_delta_weight``, merge and unmerge. This
+subclass adds what image generation needs, without patching PEFT's class:
 
-The LoRA layers of PEFT expose the same idea as ``set_scale`` / ``scale_layer`` / ``unscale_layer``, which diffusers
-calls from ``set_adapters``, ``fuse_lora(lora_scale=...)`` and ``cross_attention_kwargs={"scale": ...}``.
-``install_lora_compatible_scaling`` gives GraLoRA layers those three methods (only where PEFT does not define them
-already), so those diffusers code paths work on GraLoRA layers too instead of raising ``AttributeError``.
+* **A blend weight owned by the package.** ``blend_weight[adapter]`` is the user's weight; PEFT's ``scaling`` is
+  derived from it (``weight * alpha / (r + hybrid_r)``), so forward, ``get_delta_weight``, merge and unmerge all see
+  the same number and nothing of PEFT's math is duplicated.
+* **diffusers' scale hooks, with LoRA's semantics.** diffusers calls ``scale_layer`` / ``unscale_layer`` around every
+  forward given ``cross_attention_kwargs={"scale": s}`` and ``set_scale`` from ``set_adapters``. Here the transient
+  scale is a separate factor that multiplies only the unmerged forward: it never rewrites fused base weights and never
+  changes the stored blend weight (not even diffusers' ``scale=0.0`` path, which ends with ``set_scale(name, 1.0)``).
+* **A forward at LoRA's operator count.** Two ``torch.bmm`` on strided views of the input (no einsum, no copy of x),
+  the k x k block shuffle only on the k*r-wide intermediate, the scale folded into B, the output re-layout folded into
+  the residual add, and no fp32 round trip of x under autocast. Optionally (``recompute_intermediate``) the k*r-wide
+  intermediate is recomputed in backward instead of stored.
+
+``inject_gralora`` puts this layer into a model through PEFT's own injection machinery (a ``GraloraModel`` subclass
+whose only change is the layer class it creates).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
+from peft import GraloraConfig
 from peft.tuners.gralora.layer import GraloraLayer
-from peft.tuners.gralora.layer import Linear as GraloraLinear
+from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
+from peft.tuners.gralora.model import GraloraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "GraloraLayer",
-    "MemoryLeanGraloraLinear",
+    "GraloraLinear",
     "adapter_weight",
     "base_scaling",
     "gralora_layers",
-    "install_lora_compatible_scaling",
+    "inject_gralora",
     "set_adapter_weight",
     "use_memory_lean_training",
 ]
 
 
 def gralora_layers(model: nn.Module) -> Iterator[tuple[str, GraloraLayer]]:
-    """Every GraLoRA layer of ``model`` with its dotted module name."""
+    """Every GraLoRA layer of ``model`` (the package's or PEFT's own) with its dotted module name."""
     for name, module in model.named_modules():
         if isinstance(module, GraloraLayer):
             yield name, module
@@ -48,7 +58,9 @@ def base_scaling(layer: GraloraLayer, adapter: str) -> float:
 
 
 def adapter_weight(layer: GraloraLayer, adapter: str) -> float:
-    """The blending weight currently applied to ``adapter`` in ``layer``."""
+    """The user's blend weight of ``adapter`` in ``layer`` (for a plain PEFT layer, read back from its scaling)."""
+    if isinstance(layer, GraloraLinear):
+        return layer.blend_weight[adapter]
     return layer.scaling[adapter] / base_scaling(layer, adapter)
 
 
@@ -56,12 +68,15 @@ def adapter_weight(layer: GraloraLayer, adapter: str) -> float:
 def set_adapter_weight(layer: GraloraLayer, adapter: str, weight: float) -> None:
     """Make ``layer`` apply ``adapter`` at ``weight`` (any real number; negative subtracts the adapter).
 
-    If the adapter is currently merged into the base weight, the merged delta is updated in place (old delta out,
-    new delta in), so fused and unfused layers stay consistent and a later unmerge removes exactly what is there.
+    If the adapter is merged into the base weight, the merged delta is re-weighted in place (old delta out, new delta
+    in), so fused and unfused layers stay consistent and a later unmerge removes exactly what is there. Setting the
+    weight it already has changes nothing, so a fused weight is never rewritten needlessly.
     """
     if adapter not in layer.gralora_A:
         return
     new_scaling = float(weight) * base_scaling(layer, adapter)
+    if isinstance(layer, GraloraLinear):
+        layer.blend_weight[adapter] = float(weight)
     if new_scaling == layer.scaling[adapter]:
         return
     if adapter in layer.merged_adapters:
@@ -73,96 +88,137 @@ def set_adapter_weight(layer: GraloraLayer, adapter: str, weight: float) -> None
         layer.scaling[adapter] = new_scaling
 
 
-# --- LoRA-compatible method names, so diffusers' scaling hooks work on GraLoRA layers --------------------------
-
-
-def _set_scale(self: GraloraLayer, adapter: str, scale: float) -> None:
-    """Like ``LoraLayer.set_scale``: apply ``adapter`` at ``scale`` times its configured alpha / (r + hybrid_r)."""
-    set_adapter_weight(self, adapter, scale)
-
-
-def _scale_layer(self: GraloraLayer, scale: float) -> None:
-    """Like ``LoraLayer.scale_layer``: multiply the scale of every active adapter by ``scale``."""
-    if scale == 1:
-        return
-    for adapter in self.active_adapters:
-        if adapter in self.gralora_A:
-            set_adapter_weight(self, adapter, adapter_weight(self, adapter) * scale)
-
-
-def _unscale_layer(self: GraloraLayer, scale: float | None = None) -> None:
-    """Like ``LoraLayer.unscale_layer``: divide by ``scale``, or reset active adapters to weight 1 when None."""
-    for adapter in self.active_adapters:
-        if adapter in self.gralora_A:
-            new_weight = 1.0 if scale is None else adapter_weight(self, adapter) / scale
-            set_adapter_weight(self, adapter, new_weight)
-
-
-def install_lora_compatible_scaling() -> None:
-    """Add ``set_scale`` / ``scale_layer`` / ``unscale_layer`` to PEFT's GraLoRA layer where PEFT lacks them."""
-    for name, method in (
-        ("set_scale", _set_scale),
-        ("scale_layer", _scale_layer),
-        ("unscale_layer", _unscale_layer),
-    ):
-        if not hasattr(GraloraLayer, name):
-            setattr(GraloraLayer, name, method)
-
-
-# --- memory-lean training forward ---------------------------------------------------------------------------------
-
-
-def _routed_block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GraLoRA's block-routed product for A [k, in/k, r] and B [k, r, out/k], laid out as PEFT stores them.
+def _block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GraLoRA's block-routed product for x [..., in], A [k, in/k, r], B [k, r, out/k] (PEFT's layouts): [k, n, out/k].
 
     Input slice j is projected by A[j] to r features; chunk c (r/k wide) of that projection feeds output slice c,
-    whose B[c] reads the k chunks (one per input slice) stacked. Used only inside the recomputing training forward.
+    whose B[c] reads the k chunks (one per input slice) stacked in order of j. n is the number of input rows.
     """
     k, in_k, r = a.shape
-    lead = x.shape[:-1]
-    h = torch.einsum("...ji,jir->...jr", x.reshape(*lead, k, in_k), a)
-    h = h.reshape(*lead, k, k, r // k).transpose(-3, -2).reshape(*lead, k, r)
-    return torch.einsum("...cr,cro->...co", h, b).reshape(*lead, k * b.shape[-1])
+    x = x.view(-1, k, in_k) if x.is_contiguous() else x.reshape(-1, k, in_k)
+    n = x.shape[0]
+    h = torch.bmm(x.transpose(0, 1), a)  # [k(j), n, r]: a strided view of x, no copy
+    h = h.view(k, n, k, r // k).transpose(0, 2).reshape(k, n, r)  # [k(c), n, (j, r/k)]: the only re-layout
+    return torch.bmm(h, b)
 
 
-class MemoryLeanGraloraLinear(GraloraLinear):
-    """PEFT's GraLoRA ``Linear`` whose training forward recomputes the k*r-wide intermediate during backward.
+class GraloraLinear(PeftGraloraLinear):
+    """PEFT's GraLoRA ``Linear`` with a package-owned blend weight, diffusers' scale hooks and a lean forward.
 
-    GraLoRA's intermediate activation is k times LoRA's (k*r per token instead of r); saving it for backward costs
-    activation memory that LoRA does not pay. Under autograd this layer stores only the adapter input (already kept
-    by the frozen base layer) and recomputes the intermediate in backward (``torch.utils.checkpoint``). Parameters,
-    state dict, merging and inference are PEFT's own; only the gradient-recording forward differs.
+    Same parameters, state dict, ``get_delta_weight``, merge and unmerge as PEFT's layer, which it is an instance of.
+    ``recompute_intermediate`` (off by default) recomputes the k*r-wide intermediate in backward instead of storing
+    it: less activation memory for more compute.
     """
 
+    other_param_names = PeftGraloraLinear.other_param_names + ("blend_weight",)
+
+    def update_layer(self, adapter_name: str, module_name: str, r: int, config: GraloraConfig) -> None:
+        if "blend_weight" not in self.__dict__:  # first adapter: PEFT's __init__ calls update_layer
+            self.blend_weight: dict[str, float] = {}
+            self.transient_scale = 1.0
+            self._zero_scale_pending: set[str] = set()
+            self.recompute_intermediate = False
+        super().update_layer(adapter_name, module_name, r, config=config)
+        self.blend_weight[adapter_name] = 1.0
+
+    # --- diffusers' LoRA scale hooks ---------------------------------------------------------------------------
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Like ``LoraLayer.set_scale`` (diffusers' ``set_adapters``): store ``scale`` as the adapter's weight.
+
+        diffusers ends a forward run with ``scale=0.0`` by calling ``set_scale(name, 1.0)`` for each active adapter
+        instead of ``unscale_layer``; those calls only end the zero transient scale, so the user's weights survive.
+        """
+        if adapter in self._zero_scale_pending:
+            self._zero_scale_pending.discard(adapter)
+            if not self._zero_scale_pending:
+                self.transient_scale = 1.0
+            return
+        set_adapter_weight(self, adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Like ``LoraLayer.scale_layer``: multiply the unmerged adapters' effect by ``scale`` until unscaled."""
+        self.transient_scale *= float(scale)
+        if self.transient_scale == 0.0:
+            self._zero_scale_pending = set(self.active_adapters)
+            if not self._zero_scale_pending:  # nothing active: nothing to silence, and no call would end it
+                self.transient_scale = 1.0
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Like ``LoraLayer.unscale_layer``: divide the transient scale by ``scale``, or end it when None."""
+        if scale is None or scale == 0:
+            self.transient_scale = 1.0
+            self._zero_scale_pending = set()
+        else:
+            self.transient_scale /= float(scale)
+            if abs(self.transient_scale - 1.0) < 1e-12:
+                self.transient_scale = 1.0
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters or self.merged or not torch.is_grad_enabled():
-            return super().forward(x, *args, **kwargs)
-        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.transient_scale == 0.0:
+            return result
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.gralora_A:
                 continue
             a, b = self.gralora_A[name], self.gralora_B[name]
-            dropout, scaling = self.gralora_dropout[name], self.scaling[name]
-            x_in = dropout(x.to(a.dtype))
-            delta = checkpoint(_routed_block_delta, x_in, a, b, use_reentrant=False)
-            result = result + scaling * delta.to(result.dtype)
+            scale = self.scaling[name] * self.transient_scale
+            x_in = self.gralora_dropout[name](x if autocast or x.dtype == a.dtype else x.to(a.dtype))
+            b_scaled = b * scale
+            if self.recompute_intermediate and torch.is_grad_enabled():
+                delta = checkpoint(_block_delta, x_in, a, b_scaled, use_reentrant=False)
+            else:
+                delta = _block_delta(x_in, a, b_scaled)
+            k = a.shape[0]
+            if delta.dtype != result.dtype:
+                delta = delta.to(result.dtype)
+            result = (result.view(-1, k, self.out_features // k) + delta.transpose(0, 1)).view(result.shape)
             if self.hybrid_r[name] > 0:
-                hybrid = self.gralora_B_general[name](self.gralora_A_general[name](x_in))
-                result = result + scaling * hybrid.to(result.dtype)
-        return result.to(previous_dtype)
+                a_general = self.gralora_A_general[name].weight
+                b_general = self.gralora_B_general[name].weight
+                hybrid = nn.functional.linear(nn.functional.linear(x_in, a_general), b_general * scale)
+                result = result + (hybrid if hybrid.dtype == result.dtype else hybrid.to(result.dtype))
+        return result
+
+
+class _PackageGraloraTuner(GraloraModel):
+    """PEFT's GraLoRA injection, creating the package's ``GraloraLinear`` instead of PEFT's ``Linear``."""
+
+    @staticmethod
+    def _create_new_module(config, adapter_name, target, module_name, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"GraLoRA adapts nn.Linear layers only; {module_name} is a {type(base).__name__}.")
+        return GraloraLinear(target, adapter_name, module_name, config=config, **kwargs)
+
+
+def inject_gralora(
+    model: nn.Module, config: GraloraConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> None:
+    """Inject the package's GraLoRA layers for ``config.target_modules`` into ``model`` (PEFT's injection).
+
+    PEFT's warning about a second adapter on one model is expected here and silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        _PackageGraloraTuner(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def use_memory_lean_training(model: nn.Module, enabled: bool = True) -> int:
-    """Switch every GraLoRA linear layer of ``model`` to (or back from) the recomputing training forward.
+    """Make every package GraLoRA layer of ``model`` recompute its k*r-wide intermediate in backward (or stop).
 
-    The layer keeps its identity as a PEFT GraLoRA layer (same parameters and state dict); returns how many layers
-    were switched.
+    Returns how many layers were switched. Parameters, state dict and inference are unchanged.
     """
-    target = MemoryLeanGraloraLinear if enabled else GraloraLinear
     count = 0
     for _, layer in gralora_layers(model):
-        if type(layer) in (GraloraLinear, MemoryLeanGraloraLinear) and type(layer) is not target:
-            layer.__class__ = target
+        if isinstance(layer, GraloraLinear) and layer.recompute_intermediate != enabled:
+            layer.recompute_intermediate = enabled
             count += 1
     return count

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from . import adapters as api
-from .io import AdapterFile, AdapterFileError, _atomic_write, read_adapter
+from .fs import write_file_atomically
+from .io import AdapterFile, AdapterFileError, read_adapter
 
 logger = logging.getLogger("gralora_diffusion.studio")
 
@@ -379,7 +380,7 @@ class Studio:
             ),
         )
         path = Path(path)
-        _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        write_file_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
         return path
 
     def xy_grid(

@@ -10,12 +10,15 @@ k = 4 fits every targeted layer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .fs import write_directory_atomically
 
 TOY_BASE_MODEL_ID = "gralora-diffusion/toy-sdxl"
 TOY_SD15_MODEL_ID = "gralora-diffusion/toy-sd15"
@@ -153,6 +156,18 @@ def _toy_unet(channels: tuple[int, int] = (32, 64), layers_per_block: int = 1, s
     )
 
 
+def _keeps_caller_rng(builder):
+    """Run ``builder`` on a forked torch RNG: its seeding never changes the caller's random stream."""
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return builder(*args, **kwargs)
+
+    return wrapper
+
+
+@_keeps_caller_rng
 def build_toy_sdxl_pipeline(
     seed: int = 0,
     *,
@@ -200,6 +215,7 @@ def build_toy_sdxl_pipeline(
     return pipe
 
 
+@_keeps_caller_rng
 def build_toy_sd15_pipeline(seed: int = 0):
     """Return a tiny ``StableDiffusionPipeline`` (one text encoder), for code that must work beyond SDXL."""
     from diffusers import StableDiffusionPipeline
@@ -229,17 +245,13 @@ def save_toy_sdxl_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
 
     ``StableDiffusionXLPipeline.from_pretrained(directory)`` then loads it with no network.
     """
-    directory = Path(directory)
     pipe = build_toy_sdxl_pipeline(seed)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "toy_base.json").write_text(json.dumps({"model_id": TOY_BASE_MODEL_ID, "seed": seed}))
-    if directory.exists():
-        import shutil
 
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "toy_base.json").write_text(json.dumps({"model_id": TOY_BASE_MODEL_ID, "seed": seed}))
+
+    write_directory_atomically(Path(directory), write, replace=True)
     return directory
 
 
@@ -291,6 +303,7 @@ def resolve_base(base: str | None) -> str:
     return base
 
 
+@_keeps_caller_rng
 def save_random_toy_adapter(
     path: str | os.PathLike,
     seed: int,

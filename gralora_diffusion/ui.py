@@ -220,7 +220,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def launch(args: argparse.Namespace, block: bool = True):
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     auth = None
     if args.auth:
         if ":" not in args.auth:
@@ -243,6 +242,7 @@ def launch(args: argparse.Namespace, block: bool = True):
 
 
 def main(argv=None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)  # entry point only
     launch(parse_args(argv))
 
 

@@ -160,7 +160,8 @@ def test_disable_and_enable(sdxl, adapter_files):
     gd.fuse_gralora(sdxl)
     gd.disable_gralora(sdxl)
     assert gd.get_active_gralora_adapters(sdxl) == {}
-    torch.testing.assert_close(unet_out(sdxl), base, atol=1e-6, rtol=1e-6)
+    # fuse then unfuse leaves fp32 round-off in the base weights: the same 1e-5 as fused vs unfused output
+    torch.testing.assert_close(unet_out(sdxl), base, atol=1e-5, rtol=1e-5)
     gd.enable_gralora(sdxl)
     assert gd.get_fused_gralora_adapters(sdxl) == ["a"]
     assert gd.get_active_gralora_adapters(sdxl)["a"]["unet"] == pytest.approx(0.6)
@@ -271,8 +272,8 @@ def test_export_peft_folder_loads_with_plain_peft(sdxl, adapter_files, tmp_path)
     plain = build_toy_sdxl_pipeline(0)
     plain.unet = PeftModel.from_pretrained(plain.unet, str(folder / "unet"))
     plain.text_encoder_2 = PeftModel.from_pretrained(plain.text_encoder_2, str(folder / "text_encoder_2"))
-    torch.testing.assert_close(unet_out(plain), ours_unet, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(text_out(plain, "text_encoder_2"), ours_text, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(unet_out(plain), ours_unet, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_out(plain, "text_encoder_2"), ours_text, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_trained_folder_loads_into_a_pipeline(sdxl, tmp_path):
@@ -288,7 +289,8 @@ def test_peft_trained_folder_loads_into_a_pipeline(sdxl, tmp_path):
 
     name = gd.load_gralora_weights(sdxl, tmp_path / "peft_unet")
     assert name == "peft_unet"
-    torch.testing.assert_close(unet_out(sdxl), expected, atol=1e-6, rtol=1e-6)
+    # the package's layer sums in another order than PEFT's (scale folded into B): fp32 round-off only
+    torch.testing.assert_close(unet_out(sdxl), expected, atol=1e-5, rtol=1e-5)
     # alpha came from adapter_config.json, not from a default.
     layer = next(layer for _, layer in gd.layers.gralora_layers(sdxl.unet))
     assert layer.alpha["peft_unet"] == 12

@@ -57,3 +57,11 @@ def test_reports_record_paths_inside_the_repository_relative_and_others_as_given
     monkeypatch.chdir(REPO_ROOT / "tests")
     assert shown_path("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert shown_path("../gralora_diffusion") == "gralora_diffusion"
+
+
+def test_toy_builders_leave_the_callers_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_toy_sdxl_pipeline(5)
+    assert torch.equal(torch.rand(3), expected)

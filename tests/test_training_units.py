@@ -367,11 +367,12 @@ def test_prompt_cache_encodes_each_prompt_once_and_matches_direct_encoding(sdxl)
     "flags, lean", [([], False), (["--gralora_recompute"], True), (["--no_gralora_recompute"], False)]
 )
 def test_memory_lean_forward_is_opt_in(sdxl, flags, lean):
-    from gralora_diffusion.layers import MemoryLeanGraloraLinear, gralora_layers
+    from gralora_diffusion.layers import GraloraLinear, gralora_layers
     from gralora_diffusion.training.args import build_parser
     from gralora_diffusion.training.dreambooth import add_adapters
 
     args = build_parser().parse_args(["--pretrained_model_name_or_path=x", "--instance_prompt=sks", "--rank=4", *flags])
     add_adapters(args, sdxl.unet, [sdxl.text_encoder, sdxl.text_encoder_2])
     layers = [layer for _, layer in gralora_layers(sdxl.unet)]
-    assert layers and all(isinstance(layer, MemoryLeanGraloraLinear) == lean for layer in layers)
+    assert layers and all(isinstance(layer, GraloraLinear) for layer in layers)
+    assert all(layer.recompute_intermediate == lean for layer in layers)

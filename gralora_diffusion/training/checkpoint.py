@@ -10,15 +10,15 @@ temporary folders are ignored by ``latest_checkpoint`` and removed by ``prune_ch
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..fs import write_directory_atomically
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "state.json"
@@ -63,21 +63,15 @@ def save_checkpoint(
     """Write ``checkpoint-<step>`` atomically. ``write_adapter(path)`` saves the adapter file at ``path``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=output_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         write_adapter(tmp / ADAPTER_NAME)
         tensors, rest = optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(rest))
         (tmp / STATE_NAME).write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_directory_atomically(output_dir / f"checkpoint-{step}", write, replace=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -129,8 +123,9 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     """Delete the oldest checkpoints beyond ``keep`` (and stray temporary folders); return what was deleted."""
     output_dir = Path(output_dir)
     removed = []
-    for stray in output_dir.glob(".checkpoint-*.tmp"):
-        shutil.rmtree(stray, ignore_errors=True)
+    for pattern in (".checkpoint-*.tmp", ".checkpoint-*.old"):  # left by a run killed inside a write
+        for stray in output_dir.glob(pattern):
+            shutil.rmtree(stray, ignore_errors=True)
     if keep is None or keep <= 0:
         return removed
     complete = list_checkpoints(output_dir)

@@ -22,6 +22,7 @@ import torch
 
 from .. import adapters as api
 from ..config import make_gralora_config
+from ..fs import write_text_atomically
 from ..layers import gralora_layers, use_memory_lean_training
 from . import checkpoint as ckpt
 from .args import adapter_path, build_parser, check_args
@@ -184,6 +185,7 @@ def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, w
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)  # entry point only
     from ..toy import resolve_base
 
     args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
@@ -223,7 +225,6 @@ def train(args, instances) -> int:
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -450,9 +451,7 @@ def train(args, instances) -> int:
                 "adapter": str(final),
             }
         )
-        tmp = out / "train_metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(out / "train_metrics.json")
+        write_text_atomically(out / "train_metrics.json", json.dumps(metrics, indent=2))
         logger.info(f"Saved the adapter to {final}")
     accelerator.end_training()
     return 0

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..fs import write_file_atomically
 from .data import IMAGE_SUFFIXES
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically (temporary name, then rename), so an interrupted run never leaves a broken image."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a PNG atomically, so an interrupted run never leaves a broken image."""
+    write_file_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def ensure_class_images(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..fs import write_text_atomically
+
 
 def model_card(
     *,
@@ -77,7 +79,4 @@ pick it in an adapter row, or write `<gralora:{Path(adapter_file).stem}:0.8>` in
 
 def write_model_card(output_dir: str | Path, **fields) -> Path:
     path = Path(output_dir) / "README.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(model_card(**fields), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, model_card(**fields))
