@@ -52,11 +52,19 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 
+_SUBMODULES = {
+    "adapters", "cli", "config", "demo", "evaluator", "export", "fs", "io", "layers", "pipeline", "studio", "toy",
+    "training", "ui", "world",
+}  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
+    if name in _SUBMODULES:  # ``gralora_diffusion.layers`` without importing it first, as before
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
