@@ -11,15 +11,13 @@ does not pay for torch, diffusers and PEFT, and importing the package has no sid
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "adapters": (
         "GraloraAdapterError",
-        "adapter_state_dict",
-        "add_gralora_adapter",
         "delete_gralora_adapters",
         "disable_gralora",
         "enable_gralora",
@@ -27,10 +25,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "get_active_gralora_adapters",
         "get_fused_gralora_adapters",
         "get_gralora_adapters",
-        "gralora_config_of",
         "load_gralora_weights",
         "pipeline_components",
-        "save_gralora_weights",
         "set_gralora_adapters",
         "unfuse_gralora",
         "unload_gralora_weights",
@@ -43,7 +39,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "make_gralora_config",
     ),
     "export": ("ExportError", "ExportResult", "export_lora", "to_lora"),
-    "io": ("AdapterFile", "AdapterFileError", "export_peft_folder", "read_adapter", "save_adapter_file"),
+    "io": (
+        "AdapterFile",
+        "AdapterFileError",
+        "export_peft_folder",
+        "read_adapter",
+        "save_adapter_file",
+        "save_gralora_weights",
+    ),
+    "peft_ops": ("adapter_state_dict", "add_gralora_adapter", "gralora_config_of"),
+    "families": ("ModelFamily", "family_of"),
     "layers": ("GraloraLinear", "inject_gralora"),
     "pipeline": ("GraloraPipelineMixin", "with_gralora"),
 }
@@ -53,8 +58,8 @@ __all__ = sorted(_WHERE)
 
 
 _SUBMODULES = {
-    "adapters", "cli", "config", "demo", "evaluator", "export", "fs", "io", "layers", "pipeline", "studio", "toy",
-    "training", "ui", "world",
+    "adapters", "cli", "config", "demo", "evaluator", "export", "families", "fs", "io", "layers", "names",
+    "peft_ops", "pipeline", "studio", "toy", "training", "ui", "world",
 }  # fmt: skip
 
 
@@ -71,36 +76,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
-    from .adapters import (  # noqa: F401
-        GraloraAdapterError,
-        adapter_state_dict,
-        add_gralora_adapter,
-        delete_gralora_adapters,
-        disable_gralora,
-        enable_gralora,
-        fuse_gralora,
-        get_active_gralora_adapters,
-        get_fused_gralora_adapters,
-        get_gralora_adapters,
-        gralora_config_of,
-        load_gralora_weights,
-        pipeline_components,
-        save_gralora_weights,
-        set_gralora_adapters,
-        unfuse_gralora,
-        unload_gralora_weights,
-    )
-    from .config import (  # noqa: F401
-        TARGET_PRESETS,
-        GraloraConfigError,
-        check_gralora_fits,
-        default_gralora_k,
-        make_gralora_config,
-    )
-    from .export import ExportError, ExportResult, export_lora, to_lora  # noqa: F401
-    from .io import AdapterFile, AdapterFileError, export_peft_folder, read_adapter, save_adapter_file  # noqa: F401
-    from .layers import GraloraLinear, inject_gralora  # noqa: F401
-    from .pipeline import GraloraPipelineMixin, with_gralora  # noqa: F401

@@ -11,43 +11,60 @@ completely before it changes the pipeline: after an error the pipeline is exactl
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import GraloraConfig, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .config import COMPONENTS, linear_features
-from .io import (
-    AdapterFile,
-    AdapterFileError,
-    adapter_from_tensors,
-    config_to_dict,
-    read_adapter,
-    save_adapter_file,
+from .families import family_of
+from .io import AdapterFile, adapter_from_tensors, read_adapter, save_gralora_weights
+from .layers import GraloraLayer, adapter_weight, gralora_layers, set_adapter_weight
+from .peft_ops import (
+    GraloraAdapterError,
+    activate,
+    adapter_state_dict,
+    add_gralora_adapter,
+    check_fits,
+    gralora_config_of,
+    inject_from_tensors,
+    remove_adapter,
+    remove_all_adapters,
 )
-from .layers import GraloraLayer, adapter_weight, gralora_layers, inject_gralora, set_adapter_weight
+
+__all__ = [
+    "GraloraAdapterError",
+    "adapter_state_dict",
+    "add_gralora_adapter",
+    "delete_gralora_adapters",
+    "disable_gralora",
+    "enable_gralora",
+    "fuse_gralora",
+    "get_active_gralora_adapters",
+    "get_fused_gralora_adapters",
+    "get_gralora_adapters",
+    "gralora_config_of",
+    "load_gralora_weights",
+    "pipeline_components",
+    "save_gralora_weights",
+    "set_gralora_adapters",
+    "unfuse_gralora",
+    "unload_gralora_weights",
+]
 
 Weight = float | Mapping[str, float]
-
-
-class GraloraAdapterError(ValueError):
-    """A request cannot be applied to this pipeline; raised before anything is changed."""
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline's modules that can carry GraLoRA (``unet``/``transformer`` and text encoders), by name."""
+    """The pipeline's modules that can carry GraLoRA, by name, as its model family lists them (``unet`` or
+    ``transformer``, then the text encoders)."""
     found = {}
-    for name in COMPONENTS:
+    for name in family_of(pipe).components:
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module):
             found[name] = module
@@ -98,11 +115,6 @@ def get_fused_gralora_adapters(pipe: Any) -> list[str]:
     return fused
 
 
-def _activate(layer: GraloraLayer, names: Sequence[str]) -> None:
-    """Make exactly ``names`` (those this layer has) active, frozen (inference)."""
-    layer.set_adapter([n for n in names if n in layer.gralora_A], inference_mode=True)
-
-
 def _unfuse_all(pipe: Any) -> None:
     for _, _, layer in _layers(pipe):
         while layer.merged_adapters:
@@ -132,110 +144,7 @@ def _check_known(pipe: Any, names: Iterable[str]) -> None:
         )
 
 
-# --- module names across transformers versions ------------------------------------------------------------------
-
-CLIP_PREFIX = "text_model."
-
-
-def resolve_module_name(modules: Mapping[str, nn.Module], name: str) -> str | None:
-    """The name under which ``modules`` holds the adapted module ``name``.
-
-    Adapter files name CLIP text-encoder modules ``text_model.encoder.layers...`` (the layout of transformers 4 and of
-    ``CLIPTextModelWithProjection``); transformers 5 flattens ``CLIPTextModel`` to ``encoder.layers...``. Both are
-    accepted, so an adapter works whichever transformers made or loads it.
-    """
-    if name in modules:
-        return name
-    alternative = name[len(CLIP_PREFIX) :] if name.startswith(CLIP_PREFIX) else CLIP_PREFIX + name
-    return alternative if alternative in modules else None
-
-
-def canonical_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For a CLIP text encoder without the ``text_model`` wrapper, write keys in the ``text_model.`` form."""
-    if not type(model).__name__.startswith("CLIPText") or hasattr(model, "text_model"):
-        return sd
-    return {k if k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k: v for k, v in sd.items()}
-
-
 # --- loading -----------------------------------------------------------------------------------------------------
-
-
-def check_fits_pipeline(pipe: Any, adapter: AdapterFile) -> None:
-    """Every component exists and every adapted module exists with the shapes the adapter was trained on."""
-    components = pipeline_components(pipe)
-    for component in adapter.components:
-        if component not in components:
-            raise GraloraAdapterError(
-                f"{adapter.source} has weights for {component!r} but the pipeline has no {component} "
-                f"(it has {sorted(components)}); use a pipeline of the adapter's base model."
-            )
-        model = components[component]
-        modules = dict(model.named_modules())
-        sd = adapter.state_dicts[component]
-        for module_name in adapter.module_names(component):
-            resolved = resolve_module_name(modules, module_name)
-            module = modules.get(resolved) if resolved else None
-            a, b = sd[f"{module_name}.gralora_A"], sd[f"{module_name}.gralora_B"]
-            expected = (a.shape[0] * a.shape[1], b.shape[0] * b.shape[2])  # (in, out)
-            if module is None:
-                raise GraloraAdapterError(
-                    f"{adapter.source} adapts {component}.{module_name}, which this pipeline does not have; the "
-                    f"adapter was trained on another base model ({adapter.base_model or 'unrecorded'})."
-                )
-            features = linear_features(module)
-            if features is None:
-                raise GraloraAdapterError(
-                    f"{adapter.source} adapts {component}.{module_name}, which is a {type(module).__name__} here, "
-                    "not a linear layer; the adapter was trained on another base model."
-                )
-            if features != expected:
-                raise GraloraAdapterError(
-                    f"{adapter.source} was trained on another base model: {component}.{module_name} is "
-                    f"(in={features[0]}, out={features[1]}) in this pipeline but (in={expected[0]}, "
-                    f"out={expected[1]}) in the adapter (base {adapter.base_model or 'unrecorded'})."
-                )
-
-
-def _inject(model: nn.Module, adapter_name: str, config: GraloraConfig, sd: dict[str, torch.Tensor]) -> None:
-    """Inject PEFT GraLoRA layers for exactly the modules in ``sd`` and load the tensors into them."""
-    named = dict(model.named_modules())
-    sd = {
-        f"{resolve_module_name(named, key.rsplit('.gralora_', 1)[0])}.gralora_{key.rsplit('.gralora_', 1)[1]}": value
-        for key, value in sd.items()
-    }
-    modules = sorted({key.rsplit(".gralora_", 1)[0] for key in sd})
-    config = GraloraConfig(
-        r=config.r,
-        alpha=config.alpha,
-        gralora_k=config.gralora_k,
-        hybrid_r=config.hybrid_r,
-        gralora_dropout=config.gralora_dropout,
-        target_modules=modules,
-        inference_mode=True,
-    )
-    named = dict(model.named_modules())
-    converted = {}
-    for key, tensor in sd.items():
-        base = named[key.rsplit(".gralora_", 1)[0]]
-        weight = base.get_base_layer().weight if isinstance(base, GraloraLayer) else base.weight
-        converted[key] = tensor.to(device=weight.device, dtype=weight.dtype)
-    inject_gralora(model, config, adapter_name, low_cpu_mem_usage=True)
-    result = set_peft_model_state_dict(model, converted, adapter_name=adapter_name, low_cpu_mem_usage=True)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".gralora_" in k]
-    if unexpected:
-        raise GraloraAdapterError(f"PEFT did not place {len(unexpected)} tensors, e.g. {unexpected[0]!r}.")
-
-
-def _forget_config(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Drop PEFT's record of a GraLoRA adapter (all GraLoRA ones when None) from ``model.peft_config``."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return
-    gralora_names = [n for n, c in configs.items() if isinstance(c, GraloraConfig)]
-    for name in [adapter_name] if adapter_name else gralora_names:
-        configs.pop(name, None)
-    if not configs:
-        del model.peft_config
 
 
 def _default_name(path_or_state_dict: Any, pipe: Any) -> str:
@@ -276,17 +185,18 @@ def load_gralora_weights(
         raise GraloraAdapterError(
             f"An adapter named {name!r} is already loaded; pass another adapter_name or delete it first."
         )
-    check_fits_pipeline(pipe, adapter)
+    check_fits(pipeline_components(pipe), adapter)
 
     _unfuse_all(pipe)
     components = pipeline_components(pipe)
     done = []
     try:
         for component in adapter.components:
-            _inject(components[component], name, adapter.configs[component], adapter.state_dicts[component])
+            inject_from_tensors(components[component], name, adapter.configs[component], adapter.state_dicts[component])
             done.append(component)
     except BaseException:
-        _remove_adapter(pipe, name)
+        for model in components.values():
+            remove_adapter(model, name)
         raise
     set_gralora_adapters(pipe, [name])
     return name
@@ -346,7 +256,7 @@ def set_gralora_adapters(
     if fused:
         _unfuse_all(pipe)
     for component, _, layer in _layers(pipe):
-        _activate(layer, names)
+        activate(layer, names)
         for name, weight in zip(names, weights):
             set_adapter_weight(layer, name, weight[component])
     if fused:
@@ -376,7 +286,7 @@ def fuse_gralora(pipe: Any, adapter_names: str | Sequence[str] | None = None) ->
         _unfuse_all(pipe)
     if names != list(active):
         for _, _, layer in _layers(pipe):
-            _activate(layer, names)
+            activate(layer, names)
     _fuse_active(pipe)
 
 
@@ -401,33 +311,10 @@ def enable_gralora(pipe: Any) -> None:
     """Undo ``disable_gralora``: the same active adapters and weights, fused again if they were fused."""
     for _, _, layer in _layers(pipe):
         layer.enable_adapters(True)
-        _activate(layer, layer.active_adapters)
+        activate(layer, layer.active_adapters)
     if getattr(pipe, "_gralora_fused_before_disable", None):
         _fuse_active(pipe)
     pipe._gralora_fused_before_disable = []
-
-
-def _replace_with_base(model: nn.Module, module_name: str, layer: GraloraLayer) -> None:
-    parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, layer.get_base_layer())
-
-
-def _remove_adapter(pipe: Any, name: str) -> None:
-    """Delete ``name`` from every layer; layers left with no adapter go back to their plain base module."""
-    for model in pipeline_components(pipe).values():
-        _forget_config(model, name)
-        for module_name, layer in list(gralora_layers(model)):
-            if name not in layer.gralora_A:
-                continue
-            active = [n for n in layer.active_adapters if n != name]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PEFT warns when it picks a new active adapter; we set it below
-                layer.delete_adapter(name)
-            if not layer.gralora_A:
-                _replace_with_base(model, module_name, layer)
-            else:
-                _activate(layer, active)
 
 
 def delete_gralora_adapters(pipe: Any, adapter_names: str | Sequence[str]) -> None:
@@ -437,7 +324,8 @@ def delete_gralora_adapters(pipe: Any, adapter_names: str | Sequence[str]) -> No
     fused = get_fused_gralora_adapters(pipe)
     _unfuse_all(pipe)
     for name in names:
-        _remove_adapter(pipe, name)
+        for model in pipeline_components(pipe).values():
+            remove_adapter(model, name)
     if [n for n in fused if n not in names]:
         _fuse_active(pipe)
 
@@ -450,117 +338,5 @@ def unload_gralora_weights(pipe: Any) -> None:
     makes a merged checkpoint). Unfused adapters simply disappear, leaving every base parameter bit-identical.
     """
     for model in pipeline_components(pipe).values():
-        for module_name, layer in list(gralora_layers(model)):
-            _replace_with_base(model, module_name, layer)
-        _forget_config(model)
+        remove_all_adapters(model)
     pipe._gralora_fused_before_disable = []
-
-
-# --- training: a fresh adapter, and saving ------------------------------------------------------------------------
-
-
-def add_gralora_adapter(
-    model: nn.Module, config: GraloraConfig, adapter_name: str = "default", component: str = "model"
-) -> list[str]:
-    """Inject a new, trainable GraLoRA adapter into ``model`` (a UNet or text encoder) with PEFT.
-
-    The config is checked against every targeted layer first (``check_gralora_fits``), so a k that does not divide
-    a layer fails with the layer's name and sizes before the model is touched. Returns the adapted module names.
-    """
-    from .config import check_gralora_fits
-
-    if any(adapter_name in layer.gralora_A for _, layer in gralora_layers(model)):
-        raise GraloraAdapterError(f"The {component} already has an adapter named {adapter_name!r}.")
-    modules = check_gralora_fits(model, config, component)
-    inject_gralora(model, config, adapter_name, low_cpu_mem_usage=False)
-    for _, layer in gralora_layers(model):
-        if adapter_name in layer.gralora_A:
-            layer.set_adapter([adapter_name])
-    return modules
-
-
-def gralora_config_of(model: nn.Module, adapter_name: str = "default") -> GraloraConfig:
-    """The ``GraloraConfig`` of ``adapter_name`` in ``model``, read back from its layers (exact module names)."""
-    layers = [(n, layer) for n, layer in gralora_layers(model) if adapter_name in layer.gralora_A]
-    if not layers:
-        raise GraloraAdapterError(f"The model has no GraLoRA adapter named {adapter_name!r}.")
-    settings = {
-        (
-            layer.r[adapter_name],
-            layer.alpha[adapter_name],
-            layer.gralora_k[adapter_name],
-            layer.hybrid_r[adapter_name],
-        )
-        for _, layer in layers
-    }
-    if len(settings) != 1:
-        raise GraloraAdapterError(
-            f"Adapter {adapter_name!r} uses several (r, alpha, k, hybrid_r) settings {sorted(settings)}; the file "
-            "format stores one per component."
-        )
-    r, alpha, k, hybrid_r = settings.pop()
-    dropout = layers[0][1].gralora_dropout[adapter_name]
-    return GraloraConfig(
-        r=r,
-        alpha=alpha,
-        gralora_k=k,
-        hybrid_r=hybrid_r,
-        gralora_dropout=getattr(dropout, "p", 0.0),
-        target_modules=sorted(n for n, _ in layers),
-    )
-
-
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """PEFT's state dict of ``adapter_name`` in ``model`` (keys without the adapter name)."""
-    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    return {k: v for k, v in sd.items() if ".gralora_" in k}
-
-
-def save_gralora_weights(
-    path: str | os.PathLike,
-    unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
-    text_encoder: nn.Module | Mapping[str, torch.Tensor] | None = None,
-    text_encoder_2: nn.Module | Mapping[str, torch.Tensor] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    *,
-    adapter_name: str = "default",
-    configs: Mapping[str, GraloraConfig] | None = None,
-    transformer: nn.Module | Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Save GraLoRA adapters of pipeline components into one ``.safetensors`` file (atomically).
-
-    Each component is a model carrying the GraLoRA adapter ``adapter_name`` (its config is read from the layers) or
-    a PEFT state dict of it (config from ``configs[component]`` or, failing that, inferred from shapes with
-    alpha = 2r). ``metadata`` holds string-able extras such as ``base_model``, ``trigger_prompt``, ``steps``.
-    """
-    given = {
-        "unet": unet,
-        "transformer": transformer,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-    }
-    given = {c: v for c, v in given.items() if v is not None}
-    if not given:
-        raise GraloraAdapterError("Nothing to save: pass at least one of unet, text_encoder, text_encoder_2.")
-    state_dicts, cfgs = {}, {}
-    for component, value in given.items():
-        if isinstance(value, nn.Module):
-            cfgs[component] = gralora_config_of(value, adapter_name)
-            state_dicts[component] = canonical_state_dict(value, adapter_state_dict(value, adapter_name))
-        else:
-            state_dicts[component] = dict(value)
-            if configs and component in configs:
-                cfgs[component] = configs[component]
-    extras = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
-    flat = {f"{c}.{k}": t for c, sd in state_dicts.items() for k, t in sd.items()}
-    header = {"gralora_config": json.dumps({c: config_to_dict(cfg) for c, cfg in cfgs.items()})} if cfgs else {}
-    adapter = adapter_from_tensors(flat, header, source=str(path))  # validates before writing
-    for component in state_dicts:
-        if component not in cfgs:
-            cfgs[component] = adapter.configs[component]
-    adapter.configs = cfgs
-    adapter.metadata = extras
-    try:
-        return save_adapter_file(path, adapter)
-    except AdapterFileError as err:
-        raise GraloraAdapterError(str(err)) from None

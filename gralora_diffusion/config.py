@@ -1,10 +1,10 @@
 """Where GraLoRA goes in a diffusion pipeline and with which settings.
 
-Target presets name the layers of SDXL (and SD 1.x/2.x, which share the module names) that get an adapter; the
-defaults follow the GraLoRA paper (alpha = 2r; k = 2 up to r = 32, k = 4 from r = 64). ``make_gralora_config``
-builds PEFT's own ``GraloraConfig`` -- PEFT is the adapter engine -- and ``check_gralora_fits`` validates a
-configuration against a model before anything is injected, so a bad k or rank fails with one clear sentence that
-names the layer instead of half-way through an injection.
+Target presets (defined per model family in ``families``) name the layers that get an adapter; the defaults follow
+the GraLoRA paper (alpha = 2r; k = 2 up to r = 32, k = 4 from r = 64). ``make_gralora_config`` builds PEFT's own
+``GraloraConfig`` -- PEFT is the adapter engine -- and ``check_gralora_fits`` validates a configuration against a
+model before anything is injected, so a bad k or rank fails with one clear sentence that names the layer instead of
+half-way through an injection.
 """
 
 from __future__ import annotations
@@ -15,24 +15,10 @@ from collections.abc import Iterable
 from peft import GraloraConfig
 from torch import nn
 
-# UNet: the attention projections of every transformer block (what diffusers' SDXL LoRA script targets).
-UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# UNet, wider: attention + the feed-forward (GEGLU input projection and output linear) + the transformer's
-# linear proj_in / proj_out (SDXL uses linear projections there).
-UNET_WIDE_TARGETS = UNET_ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-# CLIP text encoders (both of SDXL's): self-attention projections; the wider preset adds the MLP.
-TEXT_ENCODER_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-TEXT_ENCODER_WIDE_TARGETS = TEXT_ENCODER_ATTENTION_TARGETS + ("fc1", "fc2")
+from .families import PRESETS
 
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "unet-attention": UNET_ATTENTION_TARGETS,
-    "unet-wide": UNET_WIDE_TARGETS,
-    "text-encoder-attention": TEXT_ENCODER_ATTENTION_TARGETS,
-    "text-encoder-wide": TEXT_ENCODER_WIDE_TARGETS,
-}
-
-# The pipeline components an adapter file may hold, in the order diffusers names them.
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# Preset name -> module-name suffixes, for every model family (see ``families``); kept here under its public name.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = PRESETS
 
 
 class GraloraConfigError(ValueError):

@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,11 +40,12 @@ from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import CLIP_PREFIX, check_fits_pipeline
-from .config import COMPONENTS
+from .families import ALL_COMPONENTS as COMPONENTS
 from .fs import write_file_atomically
 from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
+from .names import CLIP_PREFIX
+from .peft_ops import check_fits
 
 LAYOUTS = ("diffusers", "kohya")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -363,7 +363,7 @@ def base_skeleton(base: str | os.PathLike, *, local_files_only: bool = False) ->
 
 def check_fits_base(adapter: AdapterFile, models: Mapping[str, nn.Module]) -> None:
     """Raise (one sentence) if an adapted module is missing from the base or has other shapes there."""
-    check_fits_pipeline(SimpleNamespace(**models), adapter)
+    check_fits(models, adapter)
 
 
 def _layout_from_models(source: str, models: dict[str, nn.Module]) -> BaseLayout:

@@ -19,16 +19,21 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import GraloraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import COMPONENTS
+from .families import ALL_COMPONENTS as COMPONENTS
 from .fs import write_directory_atomically, write_file_atomically
+from .names import canonical_state_dict
+from .peft_ops import GraloraAdapterError, adapter_state_dict, gralora_config_of
 
 FORMAT_NAME = "gralora-diffusion"
 FORMAT_VERSION = "1"
@@ -332,3 +337,55 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
             save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
 
     return write_directory_atomically(directory, write)
+
+
+def save_gralora_weights(
+    path: str | os.PathLike,
+    unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    text_encoder: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    text_encoder_2: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    adapter_name: str = "default",
+    configs: Mapping[str, GraloraConfig] | None = None,
+    transformer: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    text_encoder_3: nn.Module | Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save GraLoRA adapters of pipeline components into one ``.safetensors`` file (atomically).
+
+    Each component is a model carrying the GraLoRA adapter ``adapter_name`` (its config is read from the layers) or
+    a PEFT state dict of it (config from ``configs[component]`` or, failing that, inferred from shapes with
+    alpha = 2r). ``metadata`` holds string-able extras such as ``base_model``, ``trigger_prompt``, ``steps``.
+    """
+    given = {
+        "unet": unet,
+        "transformer": transformer,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "text_encoder_3": text_encoder_3,
+    }
+    given = {c: v for c, v in given.items() if v is not None}
+    if not given:
+        raise GraloraAdapterError(f"Nothing to save to {path}: pass at least one of {', '.join(COMPONENTS)}.")
+    state_dicts, cfgs = {}, {}
+    for component, value in given.items():
+        if isinstance(value, nn.Module):
+            cfgs[component] = gralora_config_of(value, adapter_name)
+            state_dicts[component] = canonical_state_dict(value, adapter_state_dict(value, adapter_name))
+        else:
+            state_dicts[component] = dict(value)
+            if configs and component in configs:
+                cfgs[component] = configs[component]
+    extras = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
+    flat = {f"{c}.{k}": t for c, sd in state_dicts.items() for k, t in sd.items()}
+    header = {"gralora_config": json.dumps({c: config_to_dict(cfg) for c, cfg in cfgs.items()})} if cfgs else {}
+    adapter = adapter_from_tensors(flat, header, source=str(path))  # validates before writing
+    for component in state_dicts:
+        if component not in cfgs:
+            cfgs[component] = adapter.configs[component]
+    adapter.configs = cfgs
+    adapter.metadata = extras
+    try:
+        return save_adapter_file(path, adapter)
+    except AdapterFileError as err:
+        raise GraloraAdapterError(str(err)) from None

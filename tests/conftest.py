@@ -138,7 +138,7 @@ def apply_explicit_blend(pipe, adapters: list[tuple[Path, dict[str, float]]]) ->
             model = getattr(pipe, component)
             modules = dict(model.named_modules())
             for module_name in adapter.module_names(component):
-                layer = modules[gd.adapters.resolve_module_name(modules, module_name)]
+                layer = modules[gd.names.resolve_module_name(modules, module_name)]
                 delta = explicit_gralora_delta(
                     sd[f"{module_name}.gralora_A"],
                     sd[f"{module_name}.gralora_B"],

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 import gralora_diffusion as gd
 from gralora_diffusion import export
-from gralora_diffusion.adapters import resolve_module_name
-from gralora_diffusion.config import UNET_WIDE_TARGETS
 from gralora_diffusion.export import SDXL_UNET_CONFIG, ExportError, SgmNaming, export_lora, kohya_module_name
+from gralora_diffusion.families import UNET_WIDE as UNET_WIDE_TARGETS
+from gralora_diffusion.names import resolve_module_name
 from gralora_diffusion.toy import build_toy_sd15_pipeline, build_toy_sdxl_pipeline
 
 # Every kind of linear layer of an SDXL UNet: attention blocks, resnet time projections, time / added embeddings.

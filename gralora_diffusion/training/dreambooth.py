@@ -85,10 +85,11 @@ def text_encoder_targets(encoder, uses_last_layer: bool) -> list[str]:
     layer of the first encoder never receives a gradient: adapting it would waste parameters (and make DDP fail on
     parameters without gradients).
     """
-    from ..config import TEXT_ENCODER_ATTENTION_TARGETS, find_target_modules
+    from ..config import find_target_modules
+    from ..families import CLIP_ATTENTION
 
     last = encoder.config.num_hidden_layers - 1
-    names = find_target_modules(encoder, TEXT_ENCODER_ATTENTION_TARGETS)
+    names = find_target_modules(encoder, CLIP_ATTENTION)
     return sorted(n for n in names if uses_last_layer or f".layers.{last}." not in n)
 
 
