@@ -21,7 +21,8 @@ Sections, all in one run:
              autocast) at ``--mixed-tokens`` tokens: a bf16 matmul is slow on CPUs without bf16 units, and the count
              does not depend on the token count once the input outnumbers every adapter weight (checked).
   host       microseconds per forward + backward at a tiny shape (``--tiny``, 2 x 16 tokens x 64 features), where
-             dispatch, not arithmetic, is the cost: what a GPU pays on the host per adapted layer. fp32 and mixed.
+             dispatch, not arithmetic, is the cost: what a GPU pays on the host per adapted layer. fp32 and mixed;
+             one CPU thread (``--tiny-threads``): more cannot speed up a layer this small, only add wake-up noise.
   time       forward + backward at SDXL shapes, in the run's dtype (fp32 on CPU; bf16 with autocast on CUDA).
   memory     ``measure.step_memory_bytes``: CUDA peak above the step's start, or on CPU the bytes autograd saves.
   inference  no grad, unfused, TWO adapters active at weights 0.6 and 0.4 (PEFT LoRA via the layer's
@@ -146,6 +147,18 @@ def sync(device) -> None:
 def autocast(device, half: torch.dtype | None):
     """The trainer's mixed precision: autocast to ``half``; ``None``: plain fp32 (or the model's dtype)."""
     return torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """CPU intra-op threads for a block (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def clear_grads(model: nn.Module, x: torch.Tensor) -> None:
@@ -471,6 +484,9 @@ def main() -> None:
     parser.add_argument("--tiny-ranks", type=int, nargs="+", default=[16, 64], help="ranks there (k=2 and k=4)")
     parser.add_argument("--tiny-repeats", type=int, default=400)
     parser.add_argument("--tiny-warmup", type=int, default=20)
+    parser.add_argument(
+        "--tiny-threads", type=int, default=1, help="CPU threads there: intra-op threads cannot help a tiny layer"
+    )
     parser.add_argument("--mixed-tokens", type=int, default=128, help="tokens of the mixed-precision operator count")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
@@ -482,15 +498,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shapes, tiny = parse_shapes(args.shapes), parse_shapes(args.tiny)
     rows: list[dict] = []
-    for shape in tiny:
-        for rank in args.tiny_ranks:
-            rows += host_section(shape, rank, args, device, half)
+    with threads(args.tiny_threads):
+        for shape in tiny:
+            for rank in args.tiny_ranks:
+                rows += host_section(shape, rank, args, device, half)
     for shape in shapes:
         for rank in args.ranks:
             rows += train_section(shape, rank, args, device, dtype, half)
-    for shape in tiny:
-        for rank in args.tiny_ranks:
-            rows += inference_section(shape, rank, args, device, dtype, "tiny", args.tiny_repeats, args.tiny_warmup)
+    with threads(args.tiny_threads):
+        for shape in tiny:
+            for rank in args.tiny_ranks:
+                rows += inference_section(shape, rank, args, device, dtype, "tiny", args.tiny_repeats, args.tiny_warmup)
     for shape in shapes:
         for rank in args.ranks:
             rows += inference_section(shape, rank, args, device, dtype, "sdxl", args.repeats, args.warmup)
@@ -505,6 +523,7 @@ def main() -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         tiny_repeats=args.tiny_repeats,
+        tiny_threads=args.tiny_threads,
         mixed_dtype=str(half),
         mixed_tokens=args.mixed_tokens,
         blend=BLEND,

@@ -22,6 +22,7 @@ from .fs import write_directory_atomically
 
 TOY_BASE_MODEL_ID = "gralora-diffusion/toy-sdxl"
 TOY_SD15_MODEL_ID = "gralora-diffusion/toy-sd15"
+TOY_SD3_MODEL_ID = "gralora-diffusion/toy-sd3"
 
 # Words the toy tokenizers know as whole tokens; anything else is spelled out byte by byte, as in real CLIP.
 _TOY_WORDS = (
@@ -99,7 +100,7 @@ def _text_encoder_config(vocab_size: int, projection: bool):
     )
 
 
-def _vae(seed: int, channels: tuple[int, ...] = (16, 32)):
+def _vae(seed: int, channels: tuple[int, ...] = (16, 32), **extra):
     """SDXL's VAE class; each block after the first halves the resolution (2 blocks: 64 px -> 32 x 32 latents)."""
     from diffusers import AutoencoderKL
 
@@ -113,7 +114,7 @@ def _vae(seed: int, channels: tuple[int, ...] = (16, 32)):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.13025,
+        **{"scaling_factor": 0.13025, **extra},
     )
 
 
@@ -240,6 +241,68 @@ def build_toy_sd15_pipeline(seed: int = 0):
     return pipe
 
 
+@_keeps_caller_rng
+def build_toy_sd3_pipeline(seed: int = 0):
+    """Return a tiny randomly initialised ``StableDiffusion3Pipeline``: SD3's MMDiT transformer, two CLIP text
+    encoders with projection and a T5 encoder, built from configs (no network), for code that must work on SD3.
+
+    The T5 tokenizer is stood in for by the toy CLIP tokenizer (the pipeline only needs token ids within T5's
+    vocabulary); T5's width (64) holds the two CLIP embeddings side by side, as SD3 pads them to T5's width.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2, vocab_size = _tokenizers_and_vocab()
+    tokenizer_3 = _toy_tokenizer(pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # T5's width
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pos_embed_max_size=32,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+        )
+    ).eval()  # from_pretrained gives eval mode; a model built from a config starts in training mode
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def save_toy_sdxl_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Build the toy SDXL pipeline and save it with ``save_pretrained`` (safetensors) into ``directory``.
 
@@ -311,25 +374,31 @@ def save_random_toy_adapter(
     rank: int = 8,
     gralora_k: int | None = None,
     hybrid_r: int = 0,
-    unet_targets: str = "unet-attention",
-    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2"),
+    unet_targets: str | None = None,
+    text_encoders: tuple[str, ...] | None = None,
     pipeline_builder=build_toy_sdxl_pipeline,
     b_scale: float = 0.05,
     metadata: dict | None = None,
 ) -> Path:
-    """An untrained GraLoRA adapter for the toy base with random A and B, saved in the package's file format.
+    """An untrained GraLoRA adapter for a toy base with random A and B, saved in the package's file format.
 
     Stands in for a trained adapter wherever only the plumbing matters (tests, the demo before training): both
     factors are random (PEFT's ``init_weights=False``) and B is scaled by ``b_scale`` so the change is visible but
-    sane.
+    sane. The denoiser (``unet`` or ``transformer``) gets ``unet_targets`` (default: its family's attention preset),
+    each of ``text_encoders`` (default: all of the family's) its attention preset.
     """
-    from .adapters import add_gralora_adapter, save_gralora_weights
     from .config import make_gralora_config
+    from .families import family_of
+    from .io import save_gralora_weights
+    from .peft_ops import add_gralora_adapter
 
     pipe = pipeline_builder(0)
+    family = family_of(pipe)
     torch.manual_seed(seed)
-    models = {"unet": (pipe.unet, unet_targets)}
-    models.update({name: (getattr(pipe, name), "text-encoder-attention") for name in text_encoders})
+    denoiser_targets = unet_targets or family.presets[family.denoiser]["attention"]
+    models = {family.denoiser: (getattr(pipe, family.denoiser), denoiser_targets)}
+    for name in family.text_encoders if text_encoders is None else text_encoders:
+        models[name] = (getattr(pipe, name), family.presets[name]["attention"])
     for component, (model, targets) in models.items():
         config = make_gralora_config(rank, targets, gralora_k=gralora_k, hybrid_r=hybrid_r, init_weights=False)
         add_gralora_adapter(model, config, component=component)
@@ -337,6 +406,9 @@ def save_random_toy_adapter(
             for name, param in model.named_parameters():
                 if "gralora_B" in name:
                     param.mul_(b_scale)
-    base = TOY_SD15_MODEL_ID if pipeline_builder is build_toy_sd15_pipeline else TOY_BASE_MODEL_ID
+    base = {
+        build_toy_sd15_pipeline: TOY_SD15_MODEL_ID,
+        build_toy_sd3_pipeline: TOY_SD3_MODEL_ID,
+    }.get(pipeline_builder, TOY_BASE_MODEL_ID)
     meta = {"base_model": base, **(metadata or {})}
     return save_gralora_weights(path, metadata=meta, **{c: m for c, (m, _) in models.items()})
