@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
+from gralora_diffusion.bases import shown_path
 from gralora_diffusion.evaluator import load_evaluator, subject_scores, to_pixels
-from gralora_diffusion.toy import shown_path
 from gralora_diffusion.training.loss import denoising_loss
 from gralora_diffusion.training.text import PromptCache
 from gralora_diffusion.world import SUBJECT_PROMPT

@@ -47,7 +47,7 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def _base_dir(base: str | None) -> str:
-    from .toy import resolve_base
+    from .bases import resolve_base
 
     return resolve_base(base)
 
@@ -83,11 +83,17 @@ def _load_pipeline(base: str, dtype: str | None = None):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .bases import is_registered, resolve_base
     from .export import export_lora
+    from .io import read_adapter
 
+    base = args.base
+    if base is None:  # a toy adapter's recorded base is readable offline through the registry
+        recorded = read_adapter(args.adapter).base_model
+        base = recorded if is_registered(recorded) else None
     result = export_lora(
-        args.adapter, args.output, args.to, rank=args.rank, energy=args.energy, exact=args.exact, base=args.base,
-        dtype=args.dtype,
+        args.adapter, args.output, args.to, rank=args.rank, energy=args.energy, exact=args.exact,
+        base=resolve_base(base) if base is not None else None, dtype=args.dtype,
     )  # fmt: skip
     print(f"{'component':<15} {'layers':>6}  {'rank':<7} {'relative error':>14}  {'worst layer':>11}")
     for r in result.components:
@@ -132,7 +138,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .studio import AdapterChoice, AdapterFiles, GenerationRequest, Limits, Studio, check_request
+    from .studio import (
+        FLOW_SCHEDULERS,
+        SCHEDULERS,
+        AdapterChoice,
+        AdapterFiles,
+        GenerationRequest,
+        Limits,
+        Studio,
+        check_request,
+    )
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
@@ -146,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         adapters=[AdapterChoice(Path(p).stem, w) for p, w in specs],
     )  # fmt: skip
     limits = Limits()
-    check_request(request, limits)
+    check_request(request, limits, {**SCHEDULERS, **FLOW_SCHEDULERS})  # the base's own menu is checked once loaded
     base = _base_dir(args.base)
     if specs:
         _read_adapters(specs, base)

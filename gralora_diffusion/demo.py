@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import adapters as api
+from .bases import resolve_base, shown_path
 from .fs import write_file_atomically, write_text_atomically
-from .toy import resolve_base, shown_path, toy_world_base_dir
 from .world import SUBJECT_PROMPT, subject_example
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
@@ -112,7 +112,7 @@ def run_demo(
     from .evaluator import load_evaluator, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_path = str(toy_world_base_dir()) if base is None else resolve_base(base)
+    base_path = resolve_base("toy-world" if base is None else base)
     t0 = time.perf_counter()
     adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
     t_train = time.perf_counter() - t0

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .families import ALL_COMPONENTS as COMPONENTS
+from .families import family_named, family_of_components
 from .fs import write_file_atomically
 from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
@@ -288,12 +289,12 @@ class SgmNaming:
 
 
 def kohya_prefix(component: str, family: str) -> str:
-    """``lora_unet`` / ``lora_te1`` / ``lora_te2`` on SDXL, ``lora_te`` for SD 1.x's single text encoder."""
-    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    if family == "sd1":
-        prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    """The family's kohya prefix: ``lora_unet`` / ``lora_te1`` / ``lora_te2`` on SDXL, ``lora_te`` for SD 1.x."""
+    prefixes = family_named(family).kohya_prefixes
     if component not in prefixes:
-        raise ExportError(f"The kohya layout has no name for component {component!r}; export with --to diffusers.")
+        raise ExportError(
+            f"The kohya layout has no name for {family}'s component {component!r}; export with --to diffusers."
+        )
     return prefixes[component]
 
 
@@ -317,7 +318,7 @@ class BaseLayout:
 
     source: str
     unet_config: Mapping[str, Any] | None
-    family: str = "sdxl"  # "sdxl" (two text encoders, SGM names) or "sd1"
+    family: str = "sdxl"  # a ``families`` name: "sdxl" (SGM UNet names), "sd1" or "sd3"
     models: dict[str, nn.Module] = field(default_factory=dict)  # meta-device skeletons, for the shape check
 
 
@@ -369,23 +370,16 @@ def check_fits_base(adapter: AdapterFile, models: Mapping[str, nn.Module]) -> No
 def _layout_from_models(source: str, models: dict[str, nn.Module]) -> BaseLayout:
     unet = models.get("unet")
     unet_config = dict(unet.config) if unet is not None else None
-    sdxl = "text_encoder_2" in models or (unet_config or {}).get("addition_embed_type") == "text_time"
-    return BaseLayout(source, unet_config, "sdxl" if sdxl else "sd1", models)
-
-
-def _toy_models(model_id: str) -> dict[str, nn.Module] | None:
-    """The models of a toy base named by its id (built in memory, in milliseconds), else None."""
-    from .adapters import pipeline_components
-    from .toy import TOY_BASE_MODEL_ID, TOY_SD15_MODEL_ID, build_toy_sd15_pipeline, build_toy_sdxl_pipeline
-
-    builders = {TOY_BASE_MODEL_ID: build_toy_sdxl_pipeline, TOY_SD15_MODEL_ID: build_toy_sd15_pipeline}
-    return pipeline_components(builders[model_id](0)) if model_id in builders else None
+    family = family_of_components(models).name
+    if family == "sd1" and (unet_config or {}).get("addition_embed_type") == "text_time":
+        family = "sdxl"  # an SDXL UNet on its own
+    return BaseLayout(source, unet_config, family, models)
 
 
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
     """The base whose layout names the export: ``base`` if given, else the adapter's recorded base if it can be read
-    offline (a toy id gives the toy base), else SDXL's published UNet layout. The adapter is checked against a base
-    that could be read (module names and shapes)."""
+    offline (a local folder or a downloaded hub id), else SDXL's published UNet layout. The adapter is checked against
+    a base that could be read (module names and shapes)."""
     if base is not None:
         models = base_skeleton(base)
         source = str(base)
@@ -393,12 +387,10 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
         recorded = adapter.base_model
         models, source = None, f"the recorded base {recorded}"
         if recorded:
-            models = _toy_models(recorded)
-            if models is None:
-                try:
-                    models = base_skeleton(recorded, local_files_only=True)
-                except ExportError:
-                    models = None
+            try:
+                models = base_skeleton(recorded, local_files_only=True)
+            except ExportError:
+                models = None
         if models is None:
             return BaseLayout("SDXL (built-in layout; pass --base to read another)", SDXL_UNET_CONFIG, "sdxl")
     check_fits_base(adapter, models)

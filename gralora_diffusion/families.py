@@ -53,6 +53,7 @@ class ModelFamily:
     presets: Mapping[str, Mapping[str, str]]  # component -> {"attention": preset, "wide": preset}
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya prefix; empty: no kohya
     default_guidance: float = 5.0
+    flow_matching: bool = False  # sampled with flow-matching schedulers (SD3), not the epsilon/v ones
     trainable: bool = False  # the DreamBooth trainer's prompt encoding and loss conditioning exist for it
 
     @property
@@ -117,6 +118,7 @@ SD3 = ModelFamily(
         "text_encoder_3": {"attention": "t5-attention", "wide": "t5-wide"},
     },
     default_guidance=7.0,
+    flow_matching=True,
 )
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SDXL, SD3)
 

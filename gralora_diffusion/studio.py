@@ -15,26 +15,40 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from . import adapters as api
+from .families import SDXL, ModelFamily, family_of
 from .fs import write_file_atomically
 from .io import AdapterFile, AdapterFileError, read_adapter
 
 logger = logging.getLogger("gralora_diffusion.studio")
 
-SCHEDULERS = {
+SCHEDULERS = {  # the samplers of UNet families (SD 1.x, SDXL): menu name -> (diffusers class, extra config)
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "DDIM": ("DDIMScheduler", {}),
 }
+FLOW_SCHEDULERS = {  # the samplers of flow-matching families (SD3)
+    "Euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "Heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
+
+
+def schedulers_for(family: ModelFamily) -> dict[str, tuple[str, dict]]:
+    """The sampler menu that fits ``family``."""
+    return FLOW_SCHEDULERS if family.flow_matching else SCHEDULERS
+
+
 PROMPT_TAG = re.compile(r"<gralora:([^:<>]+)(?::([-+]?\d*\.?\d+))?>")
 
 
@@ -140,7 +154,8 @@ class AdapterFiles(AdapterLibrary):
 
 @dataclass
 class AdapterChoice:
-    """One adapter row: the adapter, its weight, and optional separate UNet / text-encoder weights."""
+    """One adapter row: the adapter, its weight, and optional separate denoiser (UNet or transformer) and
+    text-encoder weights."""
 
     name: str
     weight: float = 1.0
@@ -148,10 +163,11 @@ class AdapterChoice:
     text_encoder_weight: float | None = None
     enabled: bool = True
 
-    def weights(self) -> dict[str, float]:
-        unet = self.weight if self.unet_weight is None else self.unet_weight
+    def weights(self, family: ModelFamily = SDXL) -> dict[str, float]:
+        """{component: weight} over the family's components (the denoiser and every text encoder)."""
+        denoiser = self.weight if self.unet_weight is None else self.unet_weight
         te = self.weight if self.text_encoder_weight is None else self.text_encoder_weight
-        return {"unet": unet, "text_encoder": te, "text_encoder_2": te}
+        return family.component_weights(denoiser, te)
 
 
 @dataclass
@@ -216,7 +232,7 @@ class Limits:
     max_images: int = 8
 
 
-def check_request(request: GenerationRequest, limits: Limits) -> None:
+def check_request(request: GenerationRequest, limits: Limits, schedulers: Mapping[str, Any] = SCHEDULERS) -> None:
     """Out-of-range settings get one clear sentence each, before anything runs."""
     for label, value in (("Width", request.width), ("Height", request.height)):
         if not limits.min_size <= value <= limits.max_size or value % 8:
@@ -227,8 +243,8 @@ def check_request(request: GenerationRequest, limits: Limits) -> None:
         raise StudioError(f"Steps {request.steps} is not allowed: use 1 to {limits.max_steps}.")
     if not 1 <= request.num_images <= limits.max_images:
         raise StudioError(f"Number of images {request.num_images} is not allowed: use 1 to {limits.max_images}.")
-    if request.scheduler not in SCHEDULERS:
-        raise StudioError(f"Unknown scheduler {request.scheduler!r}; use one of {', '.join(SCHEDULERS)}.")
+    if request.scheduler not in schedulers:
+        raise StudioError(f"Unknown scheduler {request.scheduler!r}; use one of {', '.join(schedulers)}.")
     if not 0 <= request.guidance_scale <= 50:
         raise StudioError(f"Guidance scale {request.guidance_scale} is not allowed: use 0 to 50.")
 
@@ -246,7 +262,8 @@ class Studio:
         self.limits = limits or Limits()
         self._loaded: dict[str, int] = {}  # adapter name -> id of the AdapterFile loaded into the pipeline
         self._applied: dict[str, dict[str, float]] = {}
-        self._schedulers = {}
+        self.schedulers = schedulers_for(family_of(pipe))  # the sampler menu of the pipeline's family
+        self._schedulers: dict[str, Any] = {}
         self._lock = threading.Lock()  # one generation at a time touches the pipeline
         self._cancel = threading.Event()
         self.switches = 0  # how many times the adapter set actually changed (unfuse/fuse)
@@ -273,7 +290,8 @@ class Studio:
             try:
                 adapter = self.library.load(choice.name)
                 stale |= self._loaded.get(choice.name) not in (None, id(adapter))
-                wanted[choice.name] = {c: w for c, w in choice.weights().items() if c in adapter.components}
+                weights = choice.weights(family_of(self.pipe))
+                wanted[choice.name] = {c: w for c, w in weights.items() if c in adapter.components}
             except (StudioError, AdapterFileError) as err:
                 errors[choice.name] = str(err)
         if wanted == self._applied and not stale:
@@ -294,7 +312,10 @@ class Studio:
         self._applied = wanted
         self.switches += 1
         elapsed = (time.perf_counter() - started) * 1e3
-        described = ", ".join(f"{n}:{w.get('unet', next(iter(w.values()), 0)):g}" for n, w in wanted.items()) or "none"
+        denoiser = family_of(self.pipe).denoiser
+        described = (
+            ", ".join(f"{n}:{w.get(denoiser, next(iter(w.values()), 0)):g}" for n, w in wanted.items()) or "none"
+        )
         logger.info(f"adapter switch to [{described}] took {elapsed:.1f} ms")
         return wanted, errors, elapsed
 
@@ -303,7 +324,7 @@ class Studio:
         if name not in self._schedulers:
             import diffusers
 
-            class_name, extra = SCHEDULERS[name]
+            class_name, extra = self.schedulers[name]
             self._schedulers[name] = getattr(diffusers, class_name).from_config(self.pipe.scheduler.config, **extra)
         return self._schedulers[name]
 
@@ -312,7 +333,7 @@ class Studio:
         self._cancel.set()
 
     def generate(self, request: GenerationRequest, progress=None) -> GenerationResult:
-        check_request(request, self.limits)
+        check_request(request, self.limits, self.schedulers)
         prompt, tags = parse_prompt_adapters(request.prompt)
         choices = merge_adapter_choices(request.adapters, tags)
         seed = secrets.randbelow(2**31) if request.random_seed else int(request.seed)

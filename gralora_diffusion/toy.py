@@ -303,43 +303,46 @@ def build_toy_sd3_pipeline(seed: int = 0):
     return pipe
 
 
-def save_toy_sdxl_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the toy SDXL pipeline and save it with ``save_pretrained`` (safetensors) into ``directory``.
+TOY_KINDS = {  # kind -> (builder, the model id its adapters record)
+    "sdxl": (build_toy_sdxl_pipeline, TOY_BASE_MODEL_ID),
+    "sd15": (build_toy_sd15_pipeline, TOY_SD15_MODEL_ID),
+    "sd3": (build_toy_sd3_pipeline, TOY_SD3_MODEL_ID),
+}
 
-    ``StableDiffusionXLPipeline.from_pretrained(directory)`` then loads it with no network.
-    """
-    pipe = build_toy_sdxl_pipeline(seed)
+
+def save_toy_pipeline(directory: str | os.PathLike, seed: int = 0, kind: str = "sdxl") -> Path:
+    """Build a toy pipeline (``kind``: sdxl, sd15 or sd3) and save it with ``save_pretrained`` (safetensors) into
+    ``directory``; ``DiffusionPipeline.from_pretrained(directory)`` then loads it with no network."""
+    builder, model_id = TOY_KINDS[kind]
+    pipe = builder(seed)
 
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "toy_base.json").write_text(json.dumps({"model_id": TOY_BASE_MODEL_ID, "seed": seed}))
+        (tmp / "toy_base.json").write_text(json.dumps({"model_id": model_id, "seed": seed}))
 
-    write_directory_atomically(Path(directory), write, replace=True)
+    return write_directory_atomically(Path(directory), write, replace=True)
+
+
+def save_toy_sdxl_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """``save_toy_pipeline`` for the toy SDXL."""
+    return save_toy_pipeline(directory, seed, "sdxl")
+
+
+def toy_base_dir(kind: str = "sdxl", seed: int = 0) -> Path:
+    """The saved toy base of ``kind`` for ``seed``, built once into the user's cache directory and reused."""
+    cache = Path(os.environ.get("GRALORA_DIFFUSION_CACHE", Path.home() / ".cache" / "gralora_diffusion"))
+    directory = cache / f"toy-{kind}-seed{seed}"
+    if not (directory / "model_index.json").exists():
+        save_toy_pipeline(directory, seed, kind)
     return directory
 
 
 def toy_sdxl_base_dir(seed: int = 0) -> Path:
-    """The saved toy SDXL base for ``seed``, built once into the user's cache directory and reused."""
-    cache = Path(os.environ.get("GRALORA_DIFFUSION_CACHE", Path.home() / ".cache" / "gralora_diffusion"))
-    directory = cache / f"toy-sdxl-seed{seed}"
-    if not (directory / "model_index.json").exists():
-        save_toy_sdxl_pipeline(directory, seed)
-    return directory
+    """The saved toy SDXL base for ``seed`` (see ``toy_base_dir``)."""
+    return toy_base_dir("sdxl", seed)
 
 
 WORLD_BASE_DIR = Path(__file__).parent / "assets" / "toy-sdxl-world"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """``path`` as reports record it: relative to the repository when inside it (no machine's home folder in a
-    committed JSON), otherwise as given (a hub id stays a hub id)."""
-    if not Path(path).exists():
-        return str(path)
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def toy_world_base_dir() -> Path:
@@ -354,16 +357,6 @@ def toy_world_base_dir() -> Path:
             "python scripts/pretrain_toy.py"
         )
     return WORLD_BASE_DIR
-
-
-def resolve_base(base: str | None) -> str:
-    """A base given by name: ``None`` or ``"toy"`` is the random toy SDXL, ``"toy-world"`` the pretrained one;
-    anything else (a folder or hub id) is returned as it is."""
-    if base is None or base == "toy":
-        return str(toy_sdxl_base_dir())
-    if base == "toy-world":
-        return str(toy_world_base_dir())
-    return base
 
 
 @_keeps_caller_rng

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .studio import SCHEDULERS, AdapterChoice, AdapterLibrary, GenerationRequest, Studio, StudioError
+from .studio import AdapterChoice, AdapterLibrary, GenerationRequest, Studio, StudioError
 
 ROW_FIELDS = 6  # enabled, name, weight, separate, unet weight, text-encoder weight
 HELP = """Pick adapters in the rows (or write `<gralora:NAME:WEIGHT>` in the prompt: the tag is removed from the text
@@ -129,7 +129,7 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
                     with gr.Row():
                         width = gr.Number(value=1024, precision=0, label="Width", elem_id="width")
                         height = gr.Number(value=1024, precision=0, label="Height", elem_id="height")
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler", label="Scheduler")
+                    scheduler = gr.Dropdown(list(studio.schedulers), value="Euler", label="Scheduler")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                         random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
@@ -190,14 +190,14 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
 def load_studio(base: str | None, adapters: str | Path, device: str | None = None, dtype: str | None = None) -> Studio:
     """Load the pipeline once (the offline toy base when ``base`` is None) and wrap it with the adapter folder."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    from .toy import resolve_base
+    from .bases import resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
     source = resolve_base(base)
-    pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=torch_dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype).to(device)  # the class the folder names
     pipe.set_progress_bar_config(disable=True)
     return Studio(pipe, AdapterLibrary(adapters), base_name=base or "toy-sdxl")
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import gralora_diffusion as gd
 from gralora_diffusion import export
+from gralora_diffusion.bases import resolve_base
 from gralora_diffusion.export import SDXL_UNET_CONFIG, ExportError, SgmNaming, export_lora, kohya_module_name
 from gralora_diffusion.families import UNET_WIDE as UNET_WIDE_TARGETS
 from gralora_diffusion.names import resolve_module_name
@@ -144,7 +145,7 @@ def assert_same_outputs(reference, other, base=None, tol: float = 1e-4) -> None:
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_exact_export_reproduces_the_adapter_in_diffusers(hybrid_adapter, tmp_path, layout):
     out = tmp_path / f"{layout}.safetensors"
-    result = export_lora(hybrid_adapter, out, layout, exact=True)
+    result = export_lora(hybrid_adapter, out, layout, exact=True, base=resolve_base("toy"))
     adapter = gd.read_adapter(hybrid_adapter)
     for report in result.components:
         cfg = adapter.configs[report.component]
@@ -190,7 +191,7 @@ def test_truncated_export_reports_the_error_it_makes(hybrid_adapter, tmp_path):
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_energy_export_picks_ranks_by_energy_and_loads_as_written(hybrid_adapter, tmp_path, layout):
     out = tmp_path / f"e-{layout}.safetensors"
-    result = export_lora(hybrid_adapter, out, layout, energy=0.9)
+    result = export_lora(hybrid_adapter, out, layout, energy=0.9, base=resolve_base("toy"))
     lora = load_file(str(out))
     adapter = gd.read_adapter(hybrid_adapter)
     for report in result.components:
@@ -244,7 +245,7 @@ def test_diffusers_metadata_gives_every_layer_scale_one(hybrid_adapter, tmp_path
 
 def test_kohya_keys_map_back_to_every_adapted_module(hybrid_adapter, tmp_path):
     out = tmp_path / "k.safetensors"
-    export_lora(hybrid_adapter, out, "kohya", rank=8)
+    export_lora(hybrid_adapter, out, "kohya", rank=8, base=resolve_base("toy"))
     lora = load_file(str(out))
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
     for name in names:
@@ -317,7 +318,7 @@ def test_sd15_kohya_export_keeps_diffusers_block_names(tmp_path):
     path = make_adapter_file(tmp_path / "sd15.safetensors", seed=3, text_encoders=("text_encoder",),
                              unet_targets=targets, b_scale=0.2, pipeline_builder=build_toy_sd15_pipeline)  # fmt: skip
     out = tmp_path / "sd15-kohya.safetensors"
-    result = export_lora(path, out, "kohya", exact=True)
+    result = export_lora(path, out, "kohya", exact=True, base=resolve_base(gd.read_adapter(path).base_model))
     assert "toy-sd15" in result.unet_naming
     lora = load_file(str(out))
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in lora

@@ -249,3 +249,29 @@ def test_library_lists_and_describes(library):
     assert (info.trigger_prompt, info.rank, info.k) == ("a photo of sks dog", 8, 2)
     assert "trigger: 'a photo of sks dog'; r=8, k=2" in info.describe()
     assert library.load("dog") is library.load("dog")  # cached in memory
+
+
+def test_sd3_rows_weigh_the_transformer_and_all_three_text_encoders(tmp_path):
+    """The studio's weights come from the pipeline's model family: on SD3 the denoiser weight goes to the
+    transformer and the text-encoder weight to both CLIPs and T5; the image matches the API's."""
+    from gralora_diffusion.toy import build_toy_sd3_pipeline
+
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    path = make_adapter_file(folder / "moon.safetensors", seed=4, pipeline_builder=build_toy_sd3_pipeline, b_scale=0.2)
+    sd3_studio = Studio(
+        build_toy_sd3_pipeline(0), AdapterLibrary(folder), base_name="toy-sd3", limits=Limits(min_size=32)
+    )
+    result = sd3_studio.generate(
+        request(adapters=[AdapterChoice("moon", 1.0, unet_weight=0.7, text_encoder_weight=0.4)])
+    )
+    weights = {"transformer": 0.7, "text_encoder": 0.4, "text_encoder_2": 0.4, "text_encoder_3": 0.4}
+    assert result.errors == {} and result.applied == {"moon": weights}
+    pipe = build_toy_sd3_pipeline(0)
+    gd.load_gralora_weights(pipe, path)
+    gd.set_gralora_adapters(pipe, "moon", weights)
+    g = torch.Generator().manual_seed(7)
+    expected = pipe("a photo of sks dog", num_inference_steps=2, width=64, height=64, guidance_scale=5.0, generator=g)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    plain = sd3_studio.generate(request())
+    assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).mean() > 0.5  # the adapter has an effect

@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from gralora_diffusion.toy import REPO_ROOT, build_toy_sdxl_pipeline, save_toy_sdxl_pipeline, shown_path
+from gralora_diffusion.bases import REPO_ROOT, shown_path
+from gralora_diffusion.toy import build_toy_sdxl_pipeline, save_toy_sdxl_pipeline
 
 
 def test_real_sdxl_classes():

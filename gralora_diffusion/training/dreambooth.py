@@ -187,7 +187,7 @@ def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, w
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)  # entry point only
-    from ..toy import resolve_base
+    from ..bases import resolve_base
 
     args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     try:
