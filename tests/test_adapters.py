@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     apply_explicit_blend,
+    assert_same_snapshot,
     make_adapter_file,
+    snapshot,
     text_out,
+    unet_inputs,
     unet_out,
 )
 from peft import PeftModel, get_peft_model
@@ -222,18 +225,12 @@ def test_diffusers_scale_hooks_work_on_gralora_layers(sdxl, adapter_files):
     """cross_attention_kwargs={"scale": s} (diffusers' LoRA scale) scales GraLoRA adapters too, then restores."""
     a, _ = adapter_files
     gd.load_gralora_weights(sdxl, a)
-    sample, t, hidden, kwargs = unet_inputs_for(sdxl)
+    sample, t, hidden, kwargs = unet_inputs(sdxl)
     with torch.no_grad():
         scaled = sdxl.unet(sample, t, hidden, cross_attention_kwargs={"scale": 0.5}, **kwargs).sample
     assert gd.get_active_gralora_adapters(sdxl)["a"]["unet"] == pytest.approx(1.0)  # restored afterwards
     gd.set_gralora_adapters(sdxl, "a", 0.5)
     torch.testing.assert_close(scaled, unet_out(sdxl), atol=1e-6, rtol=1e-6)
-
-
-def unet_inputs_for(pipe):
-    from conftest import unet_inputs
-
-    return unet_inputs(pipe)
 
 
 def test_mixin_methods(adapter_files):
@@ -326,3 +323,75 @@ def test_text_encoder_names_work_across_transformers_layouts(sdxl, adapter_files
     gd.load_gralora_weights(ref, a)
     torch.testing.assert_close(text_out(sdxl), text_out(ref), atol=1e-6, rtol=1e-6)
     assert (text_out(sdxl) - text_out(build_toy_sdxl_pipeline(0))).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def _unet_out_in(pipe, dtype) -> torch.Tensor:
+    sample, t, hidden, kwargs = unet_inputs(pipe)
+    cond = {k: v.to(dtype) for k, v in kwargs["added_cond_kwargs"].items()}
+    out = pipe.unet(sample.to(dtype), t, encoder_hidden_states=hidden.to(dtype), added_cond_kwargs=cond)
+    return out.sample.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_load_fuse_unfuse_stay_at_the_dtypes_precision(adapter_files, dtype):
+    """In fp16/bf16 the adapted output is as close to the fp32 explicit blend as the bare base is to fp32: the
+    adapter adds no error beyond the dtype's own; fuse and unfuse agree, and unloading restores the base weights."""
+    a, _ = adapter_files
+    weights = dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), 0.8)
+    reference = build_toy_sdxl_pipeline(0)
+    base_fp32 = _unet_out_in(reference, torch.float32)
+    apply_explicit_blend(reference, [(a, weights)])
+    expected = _unet_out_in(reference, torch.float32)
+
+    pipe = build_toy_sdxl_pipeline(0).to(dtype)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base_error = ((_unet_out_in(pipe, dtype) - base_fp32).norm() / base_fp32.norm()).item()
+    gd.load_gralora_weights(pipe, a)
+    gd.set_gralora_adapters(pipe, "a", 0.8)
+    assert (
+        pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").gralora_A["a"].dtype
+        == dtype
+    )  # the adapter is loaded in the pipeline's dtype
+    unfused = _unet_out_in(pipe, dtype)
+    gd.fuse_gralora(pipe)
+    fused = _unet_out_in(pipe, dtype)
+    effect = ((expected - base_fp32).norm() / base_fp32.norm()).item()
+    for out in (unfused, fused):
+        error = ((out - expected).norm() / expected.norm()).item()
+        assert error <= 2 * base_error + 0.05 * effect, (error, base_error, effect)
+    gd.unfuse_gralora(pipe)
+    gd.unload_gralora_weights(pipe)
+    after = pipe.unet.state_dict()
+    eps = torch.finfo(dtype).eps
+    for key, value in before.items():
+        drift = ((after[key].float() - value.float()).norm() / (value.float().norm() + 1e-12)).item()
+        assert drift <= 4 * eps, (key, drift)
+
+
+def test_loading_while_disabled_keeps_every_adapter_off_until_enabled(sdxl, adapter_files):
+    a, b = adapter_files
+    base = unet_out(sdxl)
+    gd.load_gralora_weights(sdxl, a)
+    gd.set_gralora_adapters(sdxl, "a", 0.5)
+    gd.disable_gralora(sdxl)
+    gd.load_gralora_weights(sdxl, b)
+    assert gd.get_active_gralora_adapters(sdxl) == {}
+    torch.testing.assert_close(unet_out(sdxl), base, atol=0, rtol=0)
+    gd.enable_gralora(sdxl)
+    assert list(gd.get_active_gralora_adapters(sdxl)) == ["b"]  # like diffusers: the freshly loaded one is active
+    only_b = build_toy_sdxl_pipeline(0)
+    gd.load_gralora_weights(only_b, b)
+    torch.testing.assert_close(unet_out(sdxl), unet_out(only_b), atol=1e-6, rtol=1e-6)
+
+
+def test_gralora_on_layers_that_carry_a_diffusers_lora_is_refused_in_one_sentence(sdxl, adapter_files):
+    from peft import LoraConfig
+
+    a, _ = adapter_files
+    sdxl.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="lora")
+    before = snapshot(sdxl)
+    with pytest.raises(gd.GraloraAdapterError, match=r"already carries a lora adapter .*unload_lora_weights") as err:
+        gd.load_gralora_weights(sdxl, a)
+    assert "\n" not in str(err.value)
+    assert_same_snapshot(before, snapshot(sdxl))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_adapter_file
+from helpers import make_adapter_file
 from PIL import Image
 
 pytest.importorskip("gradio")

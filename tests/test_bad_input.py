@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_snapshot, make_adapter_file, snapshot
+from helpers import assert_same_snapshot, make_adapter_file, snapshot
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 

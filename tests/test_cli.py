@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import explicit_gralora_delta, make_adapter_file, text_out, unet_out
+from helpers import explicit_gralora_delta, make_adapter_file, text_out, unet_out
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

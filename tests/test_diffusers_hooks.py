@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import unet_inputs, unet_out
+from helpers import unet_inputs, unet_out
 
 import gralora_diffusion as gd
 

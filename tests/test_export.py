@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import explicit_gralora_delta, make_adapter_file, text_out, unet_out
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from helpers import explicit_gralora_delta, make_adapter_file, text_out, unet_out
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -30,12 +30,13 @@ ALL_UNET_LINEARS = [*UNET_WIDE_TARGETS, "time_emb_proj", "linear_1", "linear_2"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-@pytest.fixture
-def hybrid_adapter(tmp_path):
+@pytest.fixture(scope="module")
+def hybrid_adapter(tmp_path_factory):
     """r=8, k=4, hybrid_r=4 on every UNet linear and both text encoders: lossless rank 36, capped at 32 on the
-    32-wide layers, so one component mixes ranks 32 and 36."""
+    32-wide layers, so one component mixes ranks 32 and 36. Read-only, shared by the module."""
     return make_adapter_file(
-        tmp_path / "hybrid.safetensors", seed=4, rank=8, gralora_k=4, hybrid_r=4, unet_targets=ALL_UNET_LINEARS,
+        tmp_path_factory.mktemp("hybrid") / "hybrid.safetensors",
+        seed=4, rank=8, gralora_k=4, hybrid_r=4, unet_targets=ALL_UNET_LINEARS,
         b_scale=0.2,
     )  # fmt: skip
 
@@ -99,7 +100,7 @@ def toy_unet_config():
 
 
 def reference_delta(adapter, component: str, module: str) -> torch.Tensor:
-    """The dense GraLoRA delta of one layer, written out block by block in conftest (not PEFT's code)."""
+    """The dense GraLoRA delta of one layer, written out block by block in tests/helpers.py (not PEFT's code)."""
     cfg, sd = adapter.configs[component], adapter.state_dicts[component]
     return explicit_gralora_delta(
         sd[f"{module}.gralora_A"],

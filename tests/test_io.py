@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_adapter_file
+from helpers import make_adapter_file
 from safetensors import safe_open
 
 import gralora_diffusion as gd

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import explicit_gralora_delta
+from helpers import explicit_gralora_delta
 from peft import GraloraConfig, LoraConfig, inject_adapter_in_model
 from torch import nn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import explicit_gralora_delta
+from helpers import explicit_gralora_delta
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import apply_explicit_blend
+from helpers import apply_explicit_blend
 
 import gralora_diffusion as gd
 from gralora_diffusion.families import SD3

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter_file
+from helpers import make_adapter_file
 from PIL import Image
 
 import gralora_diffusion as gd
