@@ -4,9 +4,10 @@ The names mirror diffusers' LoRA API (``load_lora_weights`` -> ``load_gralora_we
 ``set_gralora_adapters``, ``fuse_lora`` -> ``fuse_gralora``...). Semantics: with adapters a and b active at weights
 wa and wb, every adapted layer computes ``base(x) + wa * delta_a(x) + wb * delta_b(x)``, fused or not.
 
-State lives in the PEFT layers themselves (which adapters a layer has, which are active, at what scale, which are
-merged), so nothing here can drift out of sync with what the model computes. Every function validates its input
-completely before it changes the pipeline: after an error the pipeline is exactly as it was.
+State lives in the layers themselves (which adapters a layer has, which are active, at what blend weight -- the
+package layer's own state --, which are merged), so nothing here can drift out of sync with what the model
+computes. Operations on one model are in ``peft_ops``, the file format (and saving) in ``io``. Every function
+validates its input completely before it changes the pipeline: after an error the pipeline is exactly as it was.
 """
 
 from __future__ import annotations
@@ -20,39 +21,16 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .io import AdapterFile, adapter_from_tensors, read_adapter, save_gralora_weights
+from .io import AdapterFile, adapter_from_tensors, read_adapter
 from .layers import GraloraLayer, adapter_weight, gralora_layers, set_adapter_weight
 from .peft_ops import (
     GraloraAdapterError,
     activate,
-    adapter_state_dict,
-    add_gralora_adapter,
     check_fits,
-    gralora_config_of,
     inject_from_tensors,
     remove_adapter,
     remove_all_adapters,
 )
-
-__all__ = [
-    "GraloraAdapterError",
-    "adapter_state_dict",
-    "add_gralora_adapter",
-    "delete_gralora_adapters",
-    "disable_gralora",
-    "enable_gralora",
-    "fuse_gralora",
-    "get_active_gralora_adapters",
-    "get_fused_gralora_adapters",
-    "get_gralora_adapters",
-    "gralora_config_of",
-    "load_gralora_weights",
-    "pipeline_components",
-    "save_gralora_weights",
-    "set_gralora_adapters",
-    "unfuse_gralora",
-    "unload_gralora_weights",
-]
 
 Weight = float | Mapping[str, float]
 

@@ -39,27 +39,20 @@ def write_subject_images(folder: Path, count: int = 5) -> Path:
     return folder
 
 
-def train_subject(
-    out_dir: Path, base: str, steps: int, rank: int, learning_rate: float, text_encoder_lr: float | None
-) -> Path:
-    """Run the DreamBooth trainer (in this process) on the subject images; return the adapter file."""
-    from .training.dreambooth import main as train_main
+def train_subject(out_dir: Path, base: str, steps: int, rank: int, learning_rate: float, text_encoder_lr: float | None):
+    """Run the DreamBooth trainer (in this process) on the subject images; return its ``TrainResult``."""
+    from .training.args import make_config
+    from .training.dreambooth import train
 
-    instances = write_subject_images(out_dir / "instances")
-    train_dir = out_dir / "sks-shape"
-    code = train_main(
-        [
-            f"--pretrained_model_name_or_path={base}", f"--instance_data_dir={instances}",
-            f"--instance_prompt={SUBJECT_PROMPT}", f"--output_dir={train_dir}", "--resolution=64",
-            "--train_batch_size=4", f"--rank={rank}", f"--learning_rate={learning_rate}", "--lr_warmup_steps=0",
-            f"--max_train_steps={steps}", f"--checkpointing_steps={steps}", "--report_to=none",
-            "--overwrite_output_dir", "--seed=0",
-        ]
-        + ([] if text_encoder_lr is None else ["--train_text_encoder", f"--text_encoder_lr={text_encoder_lr}"])
+    settings = dict(
+        pretrained_model_name_or_path=base, instance_data_dir=str(write_subject_images(out_dir / "instances")),
+        instance_prompt=SUBJECT_PROMPT, output_dir=str(out_dir / "sks-shape"), resolution=64, train_batch_size=4,
+        rank=rank, learning_rate=learning_rate, lr_warmup_steps=0, max_train_steps=steps, checkpointing_steps=steps,
+        report_to="none", overwrite_output_dir=True, seed=0,
     )  # fmt: skip
-    if code != 0:
-        raise SystemExit(code)
-    return train_dir / "sks-shape.safetensors"
+    if text_encoder_lr is not None:
+        settings.update(train_text_encoder=True, text_encoder_lr=text_encoder_lr)
+    return train(make_config(**settings))
 
 
 def generate(pipe, prompts, seeds, steps: int, guidance: float) -> list[list[Image.Image]]:
@@ -114,9 +107,9 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base("toy-world" if base is None else base)
     t0 = time.perf_counter()
-    adapter = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
+    training = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
+    adapter = training.adapter
     t_train = time.perf_counter() - t0
-    training = json.loads((adapter.parent / "train_metrics.json").read_text())
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
     pipe.set_progress_bar_config(disable=True)
@@ -152,11 +145,11 @@ def run_demo(
         "seeds": list(SEEDS),
         "columns": list(columns),
         "training": {
-            "steps": training["steps"],
+            "steps": training.steps,
             "rank": rank,
             "learning_rate": learning_rate,
-            "eval_loss_before": training["initial_eval_loss"],
-            "eval_loss_after": training["final_eval_loss"],
+            "eval_loss_before": training.initial_eval_loss,
+            "eval_loss_after": training.final_eval_loss,
             "seconds": t_train,
         },
         "scores": scores,

@@ -10,9 +10,9 @@ subclass adds what image generation needs, without patching PEFT's class:
   forward given ``cross_attention_kwargs={"scale": s}`` and ``set_scale`` from ``set_adapters``. Here the transient
   scale is a separate factor that multiplies only the unmerged forward: it never rewrites fused base weights and never
   changes the stored blend weight (not even diffusers' ``scale=0.0`` path, which ends with ``set_scale(name, 1.0)``).
-* **A forward at LoRA's operator count.** Two ``torch.bmm`` on strided views of the input (no einsum, no copy of x),
-  the k x k block shuffle only on the k*r-wide intermediate, the scale folded into B, the output re-layout folded into
-  the residual add, and no fp32 round trip of x under autocast. Optionally (``recompute_intermediate``) the k*r-wide
+* **A forward at about LoRA's operator count.** Two ``torch.bmm`` on strided views of the input (no einsum, no copy of
+  x), the k x k block shuffle only on the k*r-wide intermediate, the output re-layout and the scale folded into the
+  residual add, and no fp32 round trip of x under autocast. Optionally (``recompute_intermediate``) the k*r-wide
   intermediate is recomputed in backward instead of stored.
 
 ``inject_gralora`` puts this layer into a model through PEFT's own injection machinery (a ``GraloraModel`` subclass
@@ -171,15 +171,16 @@ class GraloraLinear(PeftGraloraLinear):
             a, b = self.gralora_A[name], self.gralora_B[name]
             scale = self.scaling[name] * self.transient_scale
             x_in = self.gralora_dropout[name](x if autocast or x.dtype == a.dtype else x.to(a.dtype))
-            b_scaled = b * scale
             if self.recompute_intermediate and torch.is_grad_enabled():
-                delta = checkpoint(_block_delta, x_in, a, b_scaled, use_reentrant=False)
+                delta = checkpoint(_block_delta, x_in, a, b, use_reentrant=False)
             else:
-                delta = _block_delta(x_in, a, b_scaled)
+                delta = _block_delta(x_in, a, b)
             k = a.shape[0]
             if delta.dtype != result.dtype:
                 delta = delta.to(result.dtype)
-            result = (result.view(-1, k, self.out_features // k) + delta.transpose(0, 1)).view(result.shape)
+            # the output re-layout and the scale both ride on the residual add: no copy, no extra multiply
+            out = result.view(-1, k, self.out_features // k).add(delta.transpose(0, 1), alpha=scale)
+            result = out.view(result.shape)
             if self.hybrid_r[name] > 0:
                 a_general = self.gralora_A_general[name].weight
                 b_general = self.gralora_B_general[name].weight

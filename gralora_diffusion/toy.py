@@ -273,21 +273,11 @@ def build_toy_sd3_pipeline(seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
     torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size,
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=1,
-            decoder_start_token_id=0,
-            dropout_rate=0.0,
-        )
-    ).eval()  # from_pretrained gives eval mode; a model built from a config starts in training mode
+    t5 = T5Config(
+        vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=1,
+    )  # fmt: skip
+    text_encoder_3 = T5EncoderModel(t5).eval()  # a model built from a config starts in training mode
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -139,3 +139,44 @@ def test_browser_generates_with_two_adapters(server, tmp_path):
     params = Image.open(saved[-1]).info["parameters"]
     assert "Seed: 4242, Size: 64x64" in params
     assert "dog:unet=1/text_encoder=1/text_encoder_2=1" in params and "style:unet=-0.5" in params
+
+
+@pytest.mark.parametrize(
+    "flags,expected,notice",
+    [
+        ([], {"server_name": "127.0.0.1", "share": False, "auth": None}, None),
+        (["--listen"], {"server_name": "0.0.0.0", "share": False}, "accepts connections from other machines"),
+        (["--share"], {"server_name": "127.0.0.1", "share": True}, "reachable by anyone with the public link"),
+        (["--auth", "ann:s3:cret"], {"auth": ("ann", "s3:cret")}, None),
+    ],
+)
+def test_network_flags_reach_gradio_with_a_notice(flags, expected, notice, monkeypatch, tmp_path, capsys):
+    """--listen / --share / --auth as Gradio receives them (its launch is replaced: no server, no tunnel)."""
+    import gradio as gr
+
+    from gralora_diffusion.studio import AdapterLibrary, Studio
+    from gralora_diffusion.toy import build_toy_sdxl_pipeline
+
+    captured = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: captured.update(kwargs))
+    monkeypatch.setattr(
+        ui, "load_studio", lambda base, adapters, *rest: Studio(build_toy_sdxl_pipeline(0), AdapterLibrary(adapters))
+    )
+    args = ui.parse_args(["--adapters", str(tmp_path), "--outputs", str(tmp_path / "out"), *flags])
+    ui.launch(args, block=False)
+    assert {k: captured[k] for k in expected} == expected
+    printed = capsys.readouterr().out
+    if notice:
+        assert notice in printed
+    else:
+        assert "--listen" not in printed and "--share" not in printed
+
+
+def test_auth_without_a_colon_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    def must_not_load(*args):
+        raise AssertionError("the pipeline was loaded before the flags were checked")
+
+    monkeypatch.setattr(ui, "load_studio", must_not_load)
+    args = ui.parse_args(["--adapters", str(tmp_path), "--auth", "anna"])
+    with pytest.raises(SystemExit, match="--auth must be user:password"):
+        ui.launch(args, block=False)

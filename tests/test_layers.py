@@ -160,8 +160,8 @@ def test_forward_backward_dispatches_about_as_many_operators_as_lora():
         model.proj.get_base_layer().requires_grad_(False)
         counts[variant] = count(model, x)
     lora, peft, ours = counts["lora"], counts["peft"], counts["ours"]
-    # Measured with torch 2.13 on CPU: LoRA 42, PEFT GraLoRA 98, ours 47 operators in all.
-    assert ours.total <= 1.15 * lora.total, (ours.total, lora.total)
+    # Measured with torch 2.13 on CPU: LoRA 42, PEFT GraLoRA 98, ours 46 operators in all (the target: <= 1.10x LoRA).
+    assert ours.total <= 1.10 * lora.total, (ours.total, lora.total)
     assert ours.total <= 0.55 * peft.total, (ours.total, peft.total)
     assert ours.compute < peft.compute
     # No activation-sized copy: x is read through a strided view; only the input gradient is re-laid out.

@@ -52,7 +52,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def reference_image(library, adapters, prompt="a photo of sks dog", seed=7, scheduler=None):
+def reference_image(library, adapters, prompt="a photo of sks dog", seed=7, scheduler=None, scheduler_config=None):
     """The same generation done by hand with the package API on a fresh pipeline."""
     pipe = build_toy_sdxl_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
@@ -64,7 +64,7 @@ def reference_image(library, adapters, prompt="a photo of sks dog", seed=7, sche
     if names:
         gd.set_gralora_adapters(pipe, names, weights)
     if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config, **(scheduler_config or {}))
     g = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_inference_steps=2, width=64, height=64, guidance_scale=5.0, generator=g).images[0]
 
@@ -202,8 +202,18 @@ def test_schedulers_and_random_seed(studio, library):
     result = studio.generate(request(scheduler="DPM++ 2M", adapters=[AdapterChoice("dog", 1.0)]))
     expected = reference_image(library, [("dog", 1.0)], scheduler=DPMSolverMultistepScheduler)
     assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= 1
-    for name in ("Euler", "Euler a", "DDIM", "DPM++ 2M Karras"):
-        assert studio.generate(request(scheduler=name)).images
+    import diffusers
+
+    from gralora_diffusion.studio import SCHEDULERS
+
+    images = {}
+    for name, (class_name, extra) in SCHEDULERS.items():  # each menu entry is the sampler it names
+        got = studio.generate(request(scheduler=name, adapters=[AdapterChoice("dog", 1.0)])).images[0]
+        cls = getattr(diffusers, class_name)
+        expected = reference_image(library, [("dog", 1.0)], scheduler=cls, scheduler_config=extra)
+        assert np.abs(pixels(got) - pixels(expected)).max() <= 1, name
+        images[name] = pixels(got)
+    assert np.abs(images["Euler"] - images["Euler a"]).mean() > 0.5  # the menu really switches samplers
     seeds = {studio.generate(request(random_seed=True)).seed for _ in range(3)}
     assert len(seeds) == 3
     two = studio.generate(request(num_images=2))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import gralora_diffusion as gd
 from gralora_diffusion.toy import save_toy_sdxl_pipeline
+from gralora_diffusion.training.data import bucket_for_size, make_buckets
 from gralora_diffusion.training.dreambooth import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +113,20 @@ def test_text_encoders_buckets_wide_target_hybrid_bf16(toy_base, instance_dir, t
     out = tmp_path / "te"
     result = train(
         toy_base, instance_dir, out, "--max_train_steps=3", "--train_text_encoder", "--text_encoder_lr=1e-3",
-        "--resolution=128", "--enable_bucket", "--unet_target=wide", "--hybrid_r=4", "--gradient_checkpointing",
+        "--resolution=128", "--enable_bucket", "--bucket_reso_steps=32", "--unet_target=wide", "--hybrid_r=4",
+        "--gradient_checkpointing",
         "--mixed_precision=bf16", "--output_name=te_adapter", "--use_8bit_adam",
     )  # fmt: skip
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         assert "bitsandbytes is not installed; using torch's AdamW" in result.stderr
+    m = metrics(out)
+    assert m["mixed_precision"] == "bf16" and m["unet_dtype"] == "bfloat16"  # the frozen UNet ran in bf16
+    # each image trained in the bucket closest to its aspect ratio: the 96x64 one in a wide bucket, not 128x128
+    sizes = [Image.open(p).size for p in sorted(instance_dir.glob("*.png"))]
+    expected = {bucket_for_size(size, make_buckets(128, 32)) for size in sizes}
+    assert {tuple(s) for s in m["pixel_sizes"]} == expected and len(expected) == 2
     adapter = gd.read_adapter(out / "te_adapter.safetensors")
     assert set(adapter.components) == {"unet", "text_encoder", "text_encoder_2"}
     unet_modules = adapter.module_names("unet")
@@ -198,6 +206,9 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
     )  # fmt: skip
     m = metrics(out)
     assert m["num_processes"] == 2 and m["steps"] == 3
+    # the two processes trained on different data yet hold identical weights: their gradients were synchronised
+    assert m["replica_data_sums"][0] != m["replica_data_sums"][1]
+    assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
     assert [p.name for p in out.glob("*.safetensors")] == ["ddp.safetensors"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     adapter = gd.read_adapter(out / "ddp.safetensors")
@@ -210,6 +221,7 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
         (["--instance_data_dir=/nonexistent/folder"], "does not exist"),
         (["--rank=6", "--gralora_k=4"], "rank 6 is not divisible by k=4"),
         (["--resume_from_checkpoint=checkpoint-99"], "not a complete checkpoint"),
+        (["--dataloader_num_workers=-1"], "must be 0 or more"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_loading(toy_base, instance_dir, tmp_path, capsys, extra, match):

@@ -13,10 +13,12 @@ from PIL import Image
 from gralora_diffusion.training import checkpoint as ckpt
 from gralora_diffusion.training.data import (
     DreamBoothDataset,
+    EpochBatches,
     TrainingDataError,
     bucket_for_size,
     collate,
     epoch_batches,
+    epoch_loader,
     load_rgb,
     make_buckets,
     prepare_image,
@@ -283,6 +285,25 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
     ]
 
 
+def test_dataloader_workers_give_exactly_the_batches_of_the_training_process(tmp_path):
+    """--dataloader_num_workers: two worker processes produce the same batches, in the same order, as none (flips,
+    crops and caption dropout are functions of (seed, epoch, item)), also when resuming mid-epoch."""
+    dataset = _dataset(
+        tmp_path, [(80, 64), (64, 64), (96, 64), (64, 80), (72, 72)], resolution=64, random_flip=True,
+        caption_dropout_rate=0.5, enable_bucket=True, bucket_reso_steps=32,
+    )  # fmt: skip
+    batches = epoch_batches(dataset, 2, epoch=3, seed=0)
+    for skip in (0, 1):
+        here = list(epoch_loader(EpochBatches(dataset, batches, 3, with_prior=False, skip=skip), num_workers=0))
+        workers = list(epoch_loader(EpochBatches(dataset, batches, 3, with_prior=False, skip=skip), num_workers=2))
+        assert len(here) == len(workers) == len(batches) - skip
+        for a, b in zip(here, workers):
+            assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["time_ids"], b["time_ids"])
+            assert a["captions"] == b["captions"] and a["indices"] == b["indices"] and a["flipped"] == b["flipped"]
+        direct = [collate([dataset.example(i, 3) for i in batch]) for batch in batches[skip:]]
+        assert all(torch.equal(a["pixel_values"], d["pixel_values"]) for a, d in zip(here, direct))
+
+
 def test_a_crash_while_writing_leaves_no_checkpoint(tmp_path):
     def crash(path):
         path.write_bytes(b"half")
@@ -376,3 +397,19 @@ def test_memory_lean_forward_is_opt_in(sdxl, flags, lean):
     layers = [layer for _, layer in gralora_layers(sdxl.unet)]
     assert layers and all(isinstance(layer, GraloraLinear) for layer in layers)
     assert all(layer.recompute_intermediate == lean for layer in layers)
+
+
+def test_make_config_equals_the_command_line_and_refuses_unknown_settings():
+    from gralora_diffusion.training.args import build_parser, make_config
+
+    flags = ["--pretrained_model_name_or_path=base", "--instance_prompt=a photo of sks dog", "--rank=16",
+             "--train_text_encoder", "--learning_rate=0.001", "--output_dir=out"]  # fmt: skip
+    from_python = make_config(
+        pretrained_model_name_or_path="base", instance_prompt="a photo of sks dog", rank=16, train_text_encoder=True,
+        learning_rate=1e-3, output_dir="out",
+    )  # fmt: skip
+    assert vars(from_python) == vars(build_parser().parse_args(flags))
+    with pytest.raises(TrainingDataError, match="Unknown training setting 'learnig_rate'"):
+        make_config(pretrained_model_name_or_path="base", instance_prompt="x", learnig_rate=1e-3)
+    with pytest.raises(TrainingDataError, match="'instance_prompt' is required"):
+        make_config(pretrained_model_name_or_path="base")

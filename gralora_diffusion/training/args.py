@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket_reso_steps", type=int, default=64)
     g.add_argument("--no_upscale", action="store_true", help="refuse images smaller than their training size")
     g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="share of captions replaced by ''")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="accepted for compatibility; unused")
+    g.add_argument(
+        "--dataloader_num_workers", type=int, default=0,
+        help="worker processes preparing batches (0: in the training process); results are identical either way",
+    )  # fmt: skip
 
     g = p.add_argument_group("dreambooth")
     g.add_argument("--instance_prompt", required=True, help="trigger prompt, e.g. 'a photo of sks dog'")
@@ -140,6 +143,8 @@ def check_args(args) -> None:
         raise TrainingDataError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         raise TrainingDataError("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.dataloader_num_workers < 0:
+        raise TrainingDataError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
     try:
         make_gralora_config(args.rank, ["to_q"], gralora_k=args.gralora_k, hybrid_r=args.hybrid_r)
     except GraloraConfigError as err:
@@ -150,3 +155,21 @@ def check_args(args) -> None:
             "another --output_dir."
         )
     resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises for a path that is not a checkpoint
+
+
+def make_config(**settings) -> argparse.Namespace:
+    """A training configuration from Python: the command line's defaults with ``settings`` (flag names without the
+    dashes) applied, checked like a command line. ``make_config(pretrained_model_name_or_path=..., instance_prompt=...,
+    instance_data_dir=..., output_dir=...)`` is the same run as the equivalent flags."""
+    required = [a for a in build_parser()._actions if a.required]
+    missing = [a.dest for a in required if a.dest not in settings]
+    if missing:
+        raise TrainingDataError(f"The training setting {missing[0]!r} is required.")
+    args = build_parser().parse_args([f"{a.option_strings[0]}={settings[a.dest]}" for a in required])
+    known = set(vars(args))
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TrainingDataError(f"Unknown training setting {unknown[0]!r}; use the flag names of the trainer.")
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return args

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,16 +389,35 @@ def collate(examples: list[TrainExample]) -> dict:
     }
 
 
-def iterate_epoch(
-    dataset: DreamBoothDataset,
-    batches: list[list[int]],
-    epoch: int,
-    with_prior: bool,
-    skip: int = 0,
-) -> Iterator[dict]:
-    """Yield collated batches (instance examples, then as many class examples when ``with_prior``)."""
-    for batch in batches[skip:]:
-        examples = [dataset.example(i, epoch) for i in batch]
-        if with_prior:
-            examples += [dataset.class_example(i, epoch, dataset.bucket(i)) for i in batch]
-        yield collate(examples)
+class EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches as a map-style dataset: item i is the collated batch ``batches[skip + i]`` (instance
+    examples, then as many class examples when ``with_prior``). Every example is a function of (seed, epoch, index),
+    so ``DataLoader`` workers produce exactly what the main process would."""
+
+    def __init__(
+        self, dataset: DreamBoothDataset, batches: list[list[int]], epoch: int, with_prior: bool, skip: int = 0
+    ):
+        self.dataset, self.batches, self.epoch, self.with_prior = dataset, batches[skip:], epoch, with_prior
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.batches[i]
+        examples = [self.dataset.example(j, self.epoch) for j in batch]
+        if self.with_prior:
+            examples += [self.dataset.class_example(j, self.epoch, self.dataset.bucket(j)) for j in batch]
+        return collate(examples)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def epoch_loader(batches: EpochBatches, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over already-formed batches, in order, with ``num_workers`` worker processes (0: in this
+    process). Batching and shuffling stay in ``epoch_batches`` so that resuming mid-epoch stays exact."""
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_as_is,
+        persistent_workers=False,
+    )  # fmt: skip

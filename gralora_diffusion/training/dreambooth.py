@@ -16,22 +16,25 @@ import logging
 import math
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import adapters as api
 from ..config import make_gralora_config
 from ..fs import write_text_atomically
+from ..io import save_gralora_weights
 from ..layers import gralora_layers, use_memory_lean_training
+from ..peft_ops import add_gralora_adapter
 from . import checkpoint as ckpt
 from .args import adapter_path, build_parser, check_args
 from .data import (
     DreamBoothDataset,
+    EpochBatches,
     TrainingDataError,
     collate,
     epoch_batches,
-    iterate_epoch,
+    epoch_loader,
     read_hf_dataset,
     read_image_folder,
     shard_batches,
@@ -103,11 +106,11 @@ def add_adapters(args, unet, text_encoders) -> dict:
     }
     models = {"unet": unet}
     unet_config = make_gralora_config(args.rank, f"unet-{args.unet_target}", **common)
-    api.add_gralora_adapter(unet, unet_config, component="unet")
+    add_gralora_adapter(unet, unet_config, component="unet")
     if args.train_text_encoder:
         for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
             targets = text_encoder_targets(encoder, uses_last_layer=name == "text_encoder_2")
-            api.add_gralora_adapter(encoder, make_gralora_config(args.rank, targets, **common), component=name)
+            add_gralora_adapter(encoder, make_gralora_config(args.rank, targets, **common), component=name)
             models[name] = encoder
     for model in models.values():
         for param in model.parameters():
@@ -147,7 +150,7 @@ def save_adapter(path: Path, models: dict, accelerator, args, steps: int) -> Pat
         "resolution": str(args.resolution),
         "trainer": "gralora-diffusion train_dreambooth_gralora_sdxl",
     }
-    return api.save_gralora_weights(path, metadata=metadata, **unwrapped)
+    return save_gralora_weights(path, metadata=metadata, **unwrapped)
 
 
 def load_adapter_state(path: Path, models: dict, accelerator) -> None:
@@ -191,60 +194,158 @@ def main(argv: list[str] | None = None) -> int:
 
     args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     try:
-        check_args(args)
-        if args.instance_data_dir:
-            instances = read_image_folder(args.instance_data_dir, args.instance_prompt)
-        else:
-            instances = read_hf_dataset(
-                args.dataset_name, args.image_column, args.caption_column, args.instance_prompt,
-                args.dataset_config_name, args.cache_dir,
-            )  # fmt: skip
+        instances = read_instances(args)
     except (TrainingDataError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return train(args, instances)
+    train(args, instances)
+    return 0
 
 
-def train(args, instances) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+def read_instances(args) -> list:
+    """Check every flag, then read the instance images (folder or dataset): all before any model is loaded."""
+    check_args(args)
+    if args.instance_data_dir:
+        return read_image_folder(args.instance_data_dir, args.instance_prompt)
+    return read_hf_dataset(
+        args.dataset_name, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
+        args.cache_dir,
+    )  # fmt: skip
 
-    out = Path(args.output_dir)
-    report_to = None if args.report_to == "none" else args.report_to
-    if report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            warnings.warn(
-                "--report_to tensorboard: tensorboard is not installed; logging to the console only.", stacklevel=2
-            )
-            report_to = None
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
-    )
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
 
-    # --- models and adapters ---
-    tokenizers, text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype)
-    for model in [unet, vae, *text_encoders]:
-        model.to(accelerator.device)
+@dataclass
+class TrainResult:
+    """What a run produced, for the demo and benchmarks (also written to ``train_metrics.json``)."""
 
-    # --- prior-preservation class images (generated with the base model, before adapters exist) ---
-    class_records = None
-    if args.with_prior_preservation:
+    adapter: Path | None  # None on processes other than the main one
+    steps: int
+    num_processes: int
+    losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+    initial_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    latents_encoded: int = 0
+
+
+def train(args, instances: list | None = None) -> TrainResult:
+    """Run a whole training: set up, resume if asked, loop, finish. ``args`` is the command line's namespace or
+    ``make_config(...)``; ``instances`` default to reading them as the command line does."""
+    if instances is None:
+        instances = read_instances(args)
+    trainer = DreamBoothTrainer(args, instances)
+    trainer.setup()
+    trainer.resume()
+    trainer.run()
+    return trainer.finish()
+
+
+class DreamBoothTrainer:
+    """The training loop in readable pieces: ``setup`` (models, adapters, data, optimiser), ``resume``, ``run``
+    (``step`` per micro-batch, ``checkpoint`` and validation as scheduled), ``finish`` (evaluation, adapter, card)."""
+
+    def __init__(self, args, instances: list):
+        self.args, self.instances = args, instances
+        self.out = Path(args.output_dir)
+        self.global_step, self.first_epoch, self.skip_batches = 0, 0, 0
+        self.metrics = {"losses": [], "prior_losses": [], "initial_eval_loss": None, "final_eval_loss": None}
+        self.sizes_seen: set[tuple[int, int]] = set()  # (width, height) of the pixel batches this process trained on
+        self.data_fingerprint = 0.0  # sum of the latents this process trained on: differs between DDP processes
+        self.validation_prompts = [p.strip() for p in (args.validation_prompt or "").split("|") if p.strip()]
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        args = self.args
+        report_to = None if args.report_to == "none" else args.report_to
+        if report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                warnings.warn(
+                    "--report_to tensorboard: tensorboard is not installed; logging to the console only.", stacklevel=2
+                )
+                report_to = None
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.out), logging_dir=str(self.out / args.logging_dir)
+            ),
+        )
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        self.tokenizers, self.text_encoders, self.vae, unet, self.noise_scheduler = load_models(args, self.weight_dtype)
+        for model in [unet, self.vae, *self.text_encoders]:
+            model.to(accelerator.device)
+        class_records = self._class_images(unet)
+
+        torch.manual_seed(args.seed)  # the adapters' random init (A) is part of the run's reproducibility
+        models = add_adapters(args, unet, self.text_encoders)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if args.train_text_encoder:
+                for encoder in self.text_encoders:
+                    encoder.gradient_checkpointing_enable()
+
+        self.dataset = DreamBoothDataset(
+            self.instances, resolution=args.resolution, seed=args.seed, repeats=args.repeats,
+            center_crop=args.center_crop, random_flip=args.random_flip, caption_dropout_rate=args.caption_dropout_rate,
+            enable_bucket=args.enable_bucket, bucket_reso_steps=args.bucket_reso_steps,
+            min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso, no_upscale=args.no_upscale,
+            class_images=class_records, interpolation=INTERPOLATION[args.image_interpolation_mode],
+        )  # fmt: skip
+        self.latent_encoder = LatentEncoder(self.vae, cache=args.cache_latents)
+
+        world = accelerator.num_processes
+        lr = args.learning_rate * (
+            args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1
+        )
+        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
+        if args.train_text_encoder:
+            te_params = [p for e in self.text_encoders for p in e.parameters() if p.requires_grad]
+            groups.append({"params": te_params, "lr": args.text_encoder_lr})
+        optimizer = self._optimizer_class()(
+            groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )  # fmt: skip
+        self.batches_per_epoch = len(self._my_batches(0))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
+        self.max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / steps_per_epoch)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=self.max_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        )  # fmt: skip
+        prepared = accelerator.prepare(*models.values(), optimizer)
+        self.models = dict(zip(models, prepared[:-1]))
+        self.optimizer = prepared[-1]
+        if args.train_text_encoder:  # through the prepared (DDP-wrapped) encoders: their gradients are synchronised
+            trained = [self.models["text_encoder"], self.models["text_encoder_2"]]
+            self.prompt_fn = lambda captions: encode_prompts(trained, self.tokenizers, captions)
+        else:
+            self.prompt_fn = PromptCache(self.text_encoders, self.tokenizers)  # frozen: each prompt encoded once
+
+    def _class_images(self, unet) -> list | None:
+        """Prior-preservation class images, generated with the base model before any adapter exists."""
+        args, accelerator = self.args, self.accelerator
+        if not args.with_prior_preservation:
+            return None
         if accelerator.is_main_process:
             precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-                args.prior_generation_precision, weight_dtype
+                args.prior_generation_precision, self.weight_dtype
             )
-            pipe = build_pipeline(args, unet, text_encoders, tokenizers, vae, precision)
+            pipe = build_pipeline(args, unet, self.text_encoders, self.tokenizers, self.vae, precision)
             ensure_class_images(
                 pipe, args.class_data_dir, args.class_prompt, args.num_class_images, seed=args.seed,
                 resolution=args.resolution, batch_size=args.sample_batch_size,
@@ -252,215 +353,225 @@ def train(args, instances) -> int:
             )  # fmt: skip
             del pipe
         accelerator.wait_for_everyone()
-        class_records = read_image_folder(args.class_data_dir, args.class_prompt, is_class=True)
+        return read_image_folder(args.class_data_dir, args.class_prompt, is_class=True)
 
-    torch.manual_seed(args.seed)  # the adapters' random init (A) is part of the run's reproducibility
-    models = add_adapters(args, unet, text_encoders)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for encoder in text_encoders:
-                encoder.gradient_checkpointing_enable()
+    def _optimizer_class(self):
+        if self.args.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
 
-    # --- data ---
-    dataset = DreamBoothDataset(
-        instances, resolution=args.resolution, seed=args.seed, repeats=args.repeats, center_crop=args.center_crop,
-        random_flip=args.random_flip, caption_dropout_rate=args.caption_dropout_rate, enable_bucket=args.enable_bucket,
-        bucket_reso_steps=args.bucket_reso_steps, min_bucket_reso=args.min_bucket_reso,
-        max_bucket_reso=args.max_bucket_reso, no_upscale=args.no_upscale, class_images=class_records,
-        interpolation=INTERPOLATION[args.image_interpolation_mode],
-    )  # fmt: skip
-    latent_encoder = LatentEncoder(vae, cache=args.cache_latents)
+                return bnb.optim.AdamW8bit
+            except ImportError:
+                warnings.warn("--use_8bit_adam: bitsandbytes is not installed; using torch's AdamW.", stacklevel=3)
+        return torch.optim.AdamW
 
-    # --- optimiser and schedule ---
-    world = accelerator.num_processes
-    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps * world if args.scale_lr else 1)
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
-    if args.train_text_encoder:
-        te_params = [p for e in text_encoders for p in e.parameters() if p.requires_grad]
-        groups.append({"params": te_params, "lr": args.text_encoder_lr})
-    optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
+    # --- resume ------------------------------------------------------------------------------------------------
 
-            optimizer_cls = bnb.optim.AdamW8bit
-        except ImportError:
-            warnings.warn("--use_8bit_adam: bitsandbytes is not installed; using torch's AdamW.", stacklevel=2)
-    optimizer = optimizer_cls(
-        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-    )
-    batches_per_epoch = len(_my_batches(dataset, args, 0, accelerator))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps,
-        num_cycles=args.lr_num_cycles, power=args.lr_power,
-    )  # fmt: skip
-    prepared = accelerator.prepare(*models.values(), optimizer)
-    models = dict(zip(models, prepared[:-1]))
-    optimizer = prepared[-1]
-    unet = models["unet"]
-    if args.train_text_encoder:  # through the prepared (DDP-wrapped) encoders, so their gradients are synchronised
-        trained_encoders = [models["text_encoder"], models["text_encoder_2"]]
-
-        def prompt_fn(captions):
-            return encode_prompts(trained_encoders, tokenizers, captions)
-    else:
-        prompt_fn = PromptCache(text_encoders, tokenizers)  # frozen: each distinct prompt is encoded once
-
-    # --- resume ---
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint)
-    if resume is not None:
-        state, optimizer_state = ckpt.load_checkpoint(resume)
-        load_adapter_state(resume / ckpt.ADAPTER_NAME, models, accelerator)
-        optimizer.load_state_dict(optimizer_state)
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        global_step, first_epoch, skip_batches = state["step"], state["epoch"], state["batches_done_in_epoch"]
-        logger.info(f"Resumed from {resume} at step {global_step}")
-    elif args.resume_from_checkpoint:
-        logger.info("No checkpoint to resume from; starting a new run.")
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("gralora-dreambooth", config={k: v for k, v in vars(args).items() if v is not None})
-    metrics = {"losses": [], "prior_losses": [], "initial_eval_loss": None, "final_eval_loss": None}
-
-    def eval_prompts(captions):  # unwrapped modules: evaluation runs on the main process only, outside DDP
-        names = ("text_encoder", "text_encoder_2")
-        encoders = [accelerator.unwrap_model(models.get(n, e)) for n, e in zip(names, text_encoders)]
-        with torch.no_grad():
-            return encode_prompts(encoders, tokenizers, captions)
-
-    if global_step == 0 and accelerator.is_main_process:
-        metrics["initial_eval_loss"] = eval_loss(
-            dataset, latent_encoder, eval_prompts, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
-            weight_dtype, args.seed,
-        )  # fmt: skip
-    logger.info(
-        f"{len(dataset)} examples, {batches_per_epoch} batches/epoch/process, {world} processes, "
-        f"{max_steps} steps, {num_epochs} epochs"
-    )
-
-    # --- the loop ---
-    progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    accum = args.gradient_accumulation_steps
-    validation_prompts = [p.strip() for p in (args.validation_prompt or "").split("|") if p.strip()]
-    for epoch in range(first_epoch, num_epochs):
-        for model in models.values():
-            model.train()
-        batches = _my_batches(dataset, args, epoch, accelerator)
-        skip = skip_batches if epoch == first_epoch else 0
-        for micro, batch in enumerate(iterate_epoch(dataset, batches, epoch, args.with_prior_preservation, skip), skip):
-            seed = step_seed(args.seed, epoch, micro, accelerator.process_index)
-            torch.manual_seed(seed)  # adapter dropout and anything else drawing from the global generator
-            gen = torch.Generator().manual_seed(seed)
-            latents = latent_encoder(batch, gen).to(accelerator.device, weight_dtype)
-            embeds, pooled = prompt_fn(batch["captions"])
-            sync = (micro + 1) % accum == 0 or micro + 1 == len(batches)
-            no_sync = contextlib.ExitStack()
-            if not sync:
-                for model in models.values():
-                    no_sync.enter_context(accelerator.no_sync(model))
-            with no_sync, accelerator.autocast():
-                loss, parts = denoising_loss(
-                    unet, noise_scheduler, latents, embeds.to(accelerator.device, weight_dtype),
-                    pooled.to(accelerator.device, weight_dtype), batch["time_ids"].to(accelerator.device, weight_dtype),
-                    gen, is_class=torch.tensor(batch["is_class"]), noise_offset=args.noise_offset,
-                    snr_gamma=args.snr_gamma, prior_loss_weight=args.prior_loss_weight,
-                )  # fmt: skip
-                accelerator.backward(loss / accum)
-            if not sync:
-                continue
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm
-                )
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **parts}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            metrics["losses"].append(logs["loss"])
-            if "prior_loss" in parts:
-                metrics["prior_losses"].append(parts["prior_loss"])
-
-            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                position = {"epoch": epoch, "batches_done_in_epoch": micro + 1}
-                if micro + 1 == len(batches):
-                    position = {"epoch": epoch + 1, "batches_done_in_epoch": 0}
-                state = {
-                    **position,
-                    "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                }
-                path = ckpt.save_checkpoint(
-                    out,
-                    global_step,
-                    lambda p, step=global_step: save_adapter(p, models, accelerator, args, step),
-                    optimizer,
-                    state,
-                )
-                removed = ckpt.prune_checkpoints(out, args.checkpoints_total_limit)
-                logger.info(f"Saved {path}" + (f", removed {[p.name for p in removed]}" if removed else ""))
-            if (
-                validation_prompts
-                and accelerator.is_main_process
-                and _validate_now(args, global_step, epoch, micro, batches)
-            ):
-                _validate(args, validation_prompts, models, text_encoders, tokenizers, vae, accelerator, global_step)
-            if global_step >= max_steps:
-                break
-        if global_step >= max_steps:
-            break
-
-    # --- output ---
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for model in models.values():
-            model.eval()
-        metrics["final_eval_loss"] = eval_loss(
-            dataset, latent_encoder, eval_prompts, accelerator.unwrap_model(unet), noise_scheduler, accelerator,
-            weight_dtype, args.seed,
-        )  # fmt: skip
-        final = save_adapter(adapter_path(args), models, accelerator, args, global_step)
-        gallery = []
-        if validation_prompts:
-            gallery = _validate(
-                args, validation_prompts, models, text_encoders, tokenizers, vae, accelerator, global_step
+    def resume(self) -> None:
+        """Continue from ``--resume_from_checkpoint`` (a path or ``latest``) if there is one; then start tracking
+        and measure the instance loss before training (on a fresh run)."""
+        args, accelerator = self.args, self.accelerator
+        path = ckpt.resolve_resume(self.out, args.resume_from_checkpoint)
+        if path is not None:
+            state, optimizer_state = ckpt.load_checkpoint(path)
+            load_adapter_state(path / ckpt.ADAPTER_NAME, self.models, accelerator)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if accelerator.scaler is not None and state.get("scaler"):
+                accelerator.scaler.load_state_dict(state["scaler"])
+            self.global_step, self.first_epoch = state["step"], state["epoch"]
+            self.skip_batches = state["batches_done_in_epoch"]
+            logger.info(f"Resumed from {path} at step {self.global_step}")
+        elif args.resume_from_checkpoint:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        if accelerator.is_main_process:
+            accelerator.init_trackers(
+                "gralora-dreambooth", config={k: v for k, v in vars(args).items() if v is not None}
             )
-        unet_layer = next(layer for _, layer in gralora_layers(accelerator.unwrap_model(unet)))
-        write_model_card(
-            out, adapter_file=final.name, base_model=args.pretrained_model_name_or_path,
-            instance_prompt=args.instance_prompt, rank=args.rank, gralora_k=unet_layer.gralora_k["default"],
-            alpha=unet_layer.alpha["default"], hybrid_r=args.hybrid_r, steps=global_step,
-            train_text_encoder=args.train_text_encoder, unet_target=args.unet_target,
-            learning_rate=args.learning_rate, resolution=args.resolution,
-            validation_images=[(str(p.relative_to(out)), prompt) for p, prompt in gallery],
-        )  # fmt: skip
-        metrics.update(
-            {
-                "steps": global_step,
-                "num_processes": world,
-                "latents_encoded": latent_encoder.encoded,
-                "adapter": str(final),
-            }
+        if self.global_step == 0 and accelerator.is_main_process:
+            self.metrics["initial_eval_loss"] = self._eval_loss()
+        logger.info(
+            f"{len(self.dataset)} examples, {self.batches_per_epoch} batches/epoch/process, "
+            f"{accelerator.num_processes} processes, {self.max_steps} steps, {self.num_epochs} epochs"
         )
-        write_text_atomically(out / "train_metrics.json", json.dumps(metrics, indent=2))
-        logger.info(f"Saved the adapter to {final}")
-    accelerator.end_training()
-    return 0
 
+    # --- the loop ----------------------------------------------------------------------------------------------
 
-def _my_batches(dataset, args, epoch: int, accelerator) -> list[list[int]]:
-    batches = epoch_batches(dataset, args.train_batch_size, epoch, args.seed)
-    return shard_batches(batches, accelerator.process_index, accelerator.num_processes)
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        args = self.args
+        progress = tqdm(
+            range(self.max_steps), initial=self.global_step, desc="steps",
+            disable=not self.accelerator.is_local_main_process,
+        )  # fmt: skip
+        for epoch in range(self.first_epoch, self.num_epochs):
+            for model in self.models.values():
+                model.train()
+            batches = self._my_batches(epoch)
+            skip = self.skip_batches if epoch == self.first_epoch else 0
+            epoch_data = EpochBatches(self.dataset, batches, epoch, args.with_prior_preservation, skip)
+            loader = epoch_loader(epoch_data, args.dataloader_num_workers)
+            for micro, batch in enumerate(loader, skip):
+                if not self.step(batch, epoch, micro, last=micro + 1 == len(batches)):
+                    continue
+                progress.update(1)
+                progress.set_postfix(loss=f"{self.metrics['losses'][-1]:.4f}")
+                if self.accelerator.is_main_process and self.global_step % args.checkpointing_steps == 0:
+                    self.checkpoint(epoch, micro, len(batches))
+                if (
+                    self.validation_prompts
+                    and self.accelerator.is_main_process
+                    and _validate_now(args, self.global_step, epoch, micro, batches)
+                ):
+                    self.validate()
+                if self.global_step >= self.max_steps:
+                    return
+
+    def step(self, batch: dict, epoch: int, micro: int, last: bool) -> bool:
+        """Forward and backward one micro-batch; on the last micro-batch of an accumulation, the optimiser step.
+        Returns whether an optimiser step was taken."""
+        args, accelerator = self.args, self.accelerator
+        seed = step_seed(args.seed, epoch, micro, accelerator.process_index)
+        torch.manual_seed(seed)  # adapter dropout and anything else drawing from the global generator
+        gen = torch.Generator().manual_seed(seed)
+        device, dtype = accelerator.device, self.weight_dtype
+        latents = self.latent_encoder(batch, gen).to(device, dtype)
+        self.sizes_seen.add((int(batch["pixel_values"].shape[-1]), int(batch["pixel_values"].shape[-2])))
+        self.data_fingerprint += float(latents.float().sum())
+        embeds, pooled = self.prompt_fn(batch["captions"])
+        accum = args.gradient_accumulation_steps
+        sync = (micro + 1) % accum == 0 or last
+        no_sync = contextlib.ExitStack()
+        if not sync:
+            for model in self.models.values():
+                no_sync.enter_context(accelerator.no_sync(model))
+        with no_sync, accelerator.autocast():
+            loss, parts = denoising_loss(
+                self.models["unet"], self.noise_scheduler, latents, embeds.to(device, dtype),
+                pooled.to(device, dtype), batch["time_ids"].to(device, dtype), gen,
+                is_class=torch.tensor(batch["is_class"]), noise_offset=args.noise_offset, snr_gamma=args.snr_gamma,
+                prior_loss_weight=args.prior_loss_weight,
+            )  # fmt: skip
+            accelerator.backward(loss / accum)
+        if not sync:
+            return False
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], args.max_grad_norm
+            )
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        logs = {"loss": loss.item(), "lr": self.lr_scheduler.get_last_lr()[0], **parts}
+        accelerator.log(logs, step=self.global_step)
+        self.metrics["losses"].append(logs["loss"])
+        if "prior_loss" in parts:
+            self.metrics["prior_losses"].append(parts["prior_loss"])
+        return True
+
+    def checkpoint(self, epoch: int, micro: int, batches_in_epoch: int) -> Path:
+        """Write ``checkpoint-<step>`` (adapter, optimiser, schedule, position in the data) and prune old ones."""
+        position = {"epoch": epoch, "batches_done_in_epoch": micro + 1}
+        if micro + 1 == batches_in_epoch:
+            position = {"epoch": epoch + 1, "batches_done_in_epoch": 0}
+        scaler = self.accelerator.scaler
+        state = {
+            **position,
+            "lr_scheduler": _jsonable(self.lr_scheduler.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        step = self.global_step
+        path = ckpt.save_checkpoint(
+            self.out, step, lambda p: save_adapter(p, self.models, self.accelerator, self.args, step), self.optimizer,
+            state,
+        )  # fmt: skip
+        removed = ckpt.prune_checkpoints(self.out, self.args.checkpoints_total_limit)
+        logger.info(f"Saved {path}" + (f", removed {[p.name for p in removed]}" if removed else ""))
+        return path
+
+    def validate(self) -> list:
+        return _validate(
+            self.args, self.validation_prompts, self.models, self.text_encoders, self.tokenizers, self.vae,
+            self.accelerator, self.global_step,
+        )  # fmt: skip
+
+    # --- the end -----------------------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        """Evaluate, save the adapter, the validation gallery, the model card and ``train_metrics.json``."""
+        args, accelerator = self.args, self.accelerator
+        accelerator.wait_for_everyone()
+        replicas = self._replica_fingerprints()  # collective: every process takes part
+        final = None
+        if accelerator.is_main_process:
+            for model in self.models.values():
+                model.eval()
+            self.metrics["final_eval_loss"] = self._eval_loss()
+            final = save_adapter(adapter_path(args), self.models, accelerator, args, self.global_step)
+            gallery = self.validate() if self.validation_prompts else []
+            unet_layer = next(layer for _, layer in gralora_layers(accelerator.unwrap_model(self.models["unet"])))
+            write_model_card(
+                self.out, adapter_file=final.name, base_model=args.pretrained_model_name_or_path,
+                instance_prompt=args.instance_prompt, rank=args.rank, gralora_k=unet_layer.gralora_k["default"],
+                alpha=unet_layer.alpha["default"], hybrid_r=args.hybrid_r, steps=self.global_step,
+                train_text_encoder=args.train_text_encoder, unet_target=args.unet_target,
+                learning_rate=args.learning_rate, resolution=args.resolution,
+                validation_images=[(str(p.relative_to(self.out)), prompt) for p, prompt in gallery],
+            )  # fmt: skip
+            self.metrics.update(
+                {
+                    "steps": self.global_step,
+                    "num_processes": accelerator.num_processes,
+                    "latents_encoded": self.latent_encoder.encoded,
+                    "adapter": str(final),
+                    "mixed_precision": accelerator.mixed_precision,
+                    "unet_dtype": str(accelerator.unwrap_model(self.models["unet"]).dtype).replace("torch.", ""),
+                    "pixel_sizes": sorted(self.sizes_seen),
+                    **replicas,
+                }
+            )
+            write_text_atomically(self.out / "train_metrics.json", json.dumps(self.metrics, indent=2))
+            logger.info(f"Saved the adapter to {final}")
+        accelerator.end_training()
+        m = self.metrics
+        return TrainResult(
+            adapter=final, steps=self.global_step, num_processes=accelerator.num_processes, losses=m["losses"],
+            prior_losses=m["prior_losses"], initial_eval_loss=m["initial_eval_loss"],
+            final_eval_loss=m["final_eval_loss"], latents_encoded=self.latent_encoder.encoded,
+        )  # fmt: skip
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+
+    def _replica_fingerprints(self) -> dict[str, list[float]]:
+        """Per process: the sum of its trainable parameters and of the data it trained on. Under DDP the processes
+        see different data, so equal parameter sums show that their gradients were synchronised."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        local = torch.tensor(
+            [float(sum(p.detach().double().sum() for p in params)), self.data_fingerprint],
+            dtype=torch.float64, device=self.accelerator.device,
+        )  # fmt: skip
+        gathered = self.accelerator.gather(local[None]).cpu().tolist()
+        return {"replica_param_sums": [row[0] for row in gathered], "replica_data_sums": [row[1] for row in gathered]}
+
+    def _eval_prompts(self, captions):
+        """Unwrapped modules: evaluation runs on the main process only, outside DDP."""
+        names = ("text_encoder", "text_encoder_2")
+        unwrap = self.accelerator.unwrap_model
+        encoders = [unwrap(self.models.get(n, e)) for n, e in zip(names, self.text_encoders)]
+        with torch.no_grad():
+            return encode_prompts(encoders, self.tokenizers, captions)
+
+    def _eval_loss(self) -> float:
+        return eval_loss(
+            self.dataset, self.latent_encoder, self._eval_prompts, self.accelerator.unwrap_model(self.models["unet"]),
+            self.noise_scheduler, self.accelerator, self.weight_dtype, self.args.seed,
+        )  # fmt: skip
+
+    def _my_batches(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.dataset, self.args.train_batch_size, epoch, self.args.seed)
+        return shard_batches(batches, self.accelerator.process_index, self.accelerator.num_processes)
 
 
 def _validate_now(args, step: int, epoch: int, micro: int, batches) -> bool:
