@@ -19,10 +19,13 @@ Sections, all in one run:
              views) and copies (clone / copy_ / _to_copy of at least the input's numel elements). Counted in fp32 at
              the full shape, and under mixed precision (base in bf16 -- or the run's half dtype --, adapter in fp32,
              autocast) at ``--mixed-tokens`` tokens: a bf16 matmul is slow on CPUs without bf16 units, and the count
-             does not depend on the token count once the input outnumbers every adapter weight (checked).
+             does not depend on the token count once the input outnumbers every adapter weight (the run checks
+             that condition; at the default shapes the fp32 counts at 128 tokens equal those at the full shape).
   host       microseconds per forward + backward at a tiny shape (``--tiny``, 2 x 16 tokens x 64 features), where
-             dispatch, not arithmetic, is the cost: what a GPU pays on the host per adapted layer. fp32 and mixed;
-             one CPU thread (``--tiny-threads``): more cannot speed up a layer this small, only add wake-up noise.
+             dispatch, not arithmetic, is the cost: what a GPU pays on the host per adapted layer. fp32 and mixed
+             (on a CPU without bf16 units the mixed times include slow bf16 kernels, so they are not dispatch
+             alone); one CPU thread (``--tiny-threads``): more cannot speed up a layer this small, only add noise.
+             At this shape a k*r-wide intermediate can outnumber the input, so it may count as a copy.
   time       forward + backward at SDXL shapes, in the run's dtype (fp32 on CPU; bf16 with autocast on CUDA).
   memory     ``measure.step_memory_bytes``: CUDA peak above the step's start, or on CPU the bytes autograd saves.
   inference  no grad, unfused, TWO adapters active at weights 0.6 and 0.4 (PEFT LoRA via the layer's
@@ -33,6 +36,10 @@ Sections, all in one run:
 Time: every step is timed alone; the variants run round-robin (the order rotated each round) so that machine noise
 hits them alike. Reported: the median, the median of the per-round differences to ``base`` ("over base": the
 adapter's own cost) and the median of the per-round ratios to lora and to lora-nocast. Writes JSON.
+
+On a CPU shared with other work, run with ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads, every parallel
+region can wait a scheduler slice for a descheduled thread, which turns time into a count of parallel regions (here
+2-thread matmuls came out in multiples of 8 ms). The JSON records the policy.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ statistics): the bytes autograd saves for backward during the step, unique stora
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,7 @@ def write_report(out: Path, device: torch.device, dtype: torch.dtype, rows: list
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "memory_metric": "cuda peak allocated above start" if device.type == "cuda" else "bytes saved for backward",
         **settings,
