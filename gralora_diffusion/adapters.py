@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .io import AdapterFile, adapter_from_tensors, read_adapter
+from .io import AdapterFile, adapter_from_tensors, read_adapter, validate_adapter
 from .layers import GraloraLayer, adapter_weight, gralora_layers, set_adapter_weight
 from .peft_ops import (
     GraloraAdapterError,
@@ -152,6 +152,7 @@ def load_gralora_weights(
     """
     if isinstance(path_or_state_dict, AdapterFile):
         adapter = path_or_state_dict
+        validate_adapter(adapter)
     elif isinstance(path_or_state_dict, Mapping):
         adapter = adapter_from_tensors(dict(path_or_state_dict))
     else:

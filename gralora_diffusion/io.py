@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -97,6 +98,60 @@ def config_to_dict(config: GraloraConfig) -> dict:
             continue
         out[f.name] = value
     return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config_values(values, component: str, source: str) -> None:
+    """A saved component config is an object with typed, in-range GraLoRA settings; else one sentence."""
+    where = f"{source}: the gralora_config of {component!r}"
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{where} is {type(values).__name__}, not an object; the file is damaged.")
+    rules = (
+        ("r", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("gralora_k", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("hybrid_r", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("alpha", lambda v: _is_real(v) and v > 0, "a positive finite number"),
+        ("gralora_dropout", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    )
+    for name, ok, expected in rules:
+        if name in values and not ok(values[name]):
+            raise AdapterFileError(
+                f"{where} has {name}={values[name]!r}, which must be {expected}; the file is damaged."
+            )
+    if _is_int(values.get("r")) and _is_int(values.get("gralora_k")) and values["r"] % values["gralora_k"]:
+        raise AdapterFileError(f"{where} has r={values['r']} not divisible by gralora_k={values['gralora_k']}.")
+
+
+def check_tensor_values(adapter: AdapterFile) -> None:
+    """Every tensor is floating point and finite: a NaN or inf adapter is never applied, fused, exported or written."""
+    for component, sd in adapter.state_dicts.items():
+        for key, tensor in sd.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise AdapterFileError(
+                    f"{adapter.source}: tensor {component}.{key} is {kind}, not floating point; it is not a GraLoRA "
+                    "weight."
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterFileError(
+                    f"{adapter.source}: tensor {component}.{key} holds NaN or infinite values; the adapter is broken "
+                    "(a diverged training run?) and cannot be used."
+                )
+
+
+def validate_adapter(adapter: AdapterFile) -> None:
+    """The checks every adapter passes before it is used: typed, in-range configs and finite floating-point tensors
+    (``read_adapter`` and ``adapter_from_tensors`` run them; call this on an ``AdapterFile`` built by hand)."""
+    for component, config in adapter.configs.items():
+        check_config_values(config_to_dict(config), component, adapter.source)
+    check_tensor_values(adapter)
 
 
 def config_from_dict(values: dict) -> GraloraConfig:
@@ -203,15 +258,20 @@ def adapter_from_tensors(
         saved_configs = json.loads(header["gralora_config"]) if "gralora_config" in header else {}
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{source}: the gralora_config metadata is not valid JSON ({err}).") from None
+    if not isinstance(saved_configs, dict):
+        raise AdapterFileError(f"{source}: the gralora_config metadata is not a JSON object; the file is damaged.")
     configs = {}
     for component, sd in state_dicts.items():
         if component in saved_configs:
+            check_config_values(saved_configs[component], component, source)
             configs[component] = config_from_dict(saved_configs[component])
         else:
             configs[component] = infer_config(sd, component)
         _check_component_tensors(component, sd, configs[component], source)
     metadata = {k: v for k, v in header.items() if k not in ("format", "format_version", "gralora_config")}
-    return AdapterFile(state_dicts=state_dicts, configs=configs, metadata=metadata, source=source)
+    adapter = AdapterFile(state_dicts=state_dicts, configs=configs, metadata=metadata, source=source)
+    check_tensor_values(adapter)
+    return adapter
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -297,6 +357,7 @@ def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
     bad = {k: type(v).__name__ for k, v in adapter.metadata.items() if not isinstance(v, str)}
     if bad:
         raise AdapterFileError(f"Metadata values must be strings; convert {bad} with str() or json.dumps().")
+    check_tensor_values(adapter)  # nothing non-finite is ever written
     tensors = {
         f"{component}.{key}": tensor.detach().to("cpu").contiguous()
         for component, sd in adapter.state_dicts.items()

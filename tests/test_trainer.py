@@ -222,6 +222,15 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
         (["--rank=6", "--gralora_k=4"], "rank 6 is not divisible by k=4"),
         (["--resume_from_checkpoint=checkpoint-99"], "not a complete checkpoint"),
         (["--dataloader_num_workers=-1"], "must be 0 or more"),
+        (["--learning_rate=nan"], "--learning_rate must be a positive finite number, got nan"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be a positive finite number"),
+        (["--alpha=-8"], "--alpha must be a positive finite number"),
+        (["--max_train_steps=0"], "--max_train_steps must be at least 1"),
+        (["--max_train_steps=-5"], "--max_train_steps must be at least 1"),
+        (["--repeats=0"], "--repeats must be at least 1"),
+        (["--resolution=0"], "--resolution must be a positive multiple of 8"),
+        (["--checkpointing_steps=0"], "--checkpointing_steps must be at least 1"),
+        (["--caption_dropout_rate=2"], "--caption_dropout_rate must be a number from 0 to 1"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_loading(toy_base, instance_dir, tmp_path, capsys, extra, match):
@@ -278,3 +287,18 @@ def test_hf_dataset_captions_and_tensorboard_logging(toy_base, instance_dir, tmp
     acc.Reload()
     assert len(acc.Scalars("loss")) == 2
     assert acc.Tags()["images"]
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_saves_nothing(toy_base, instance_dir, tmp_path):
+    """AdamW moves every weight by about the learning rate per step: at 1e30 the adapter overflows after step 1."""
+    out = tmp_path / "diverged"
+    result = train(
+        toy_base, instance_dir, out, "--max_train_steps=4", "--learning_rate=1e30", "--checkpointing_steps=1",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: The loss became") and "at step 2" in last and "Traceback" not in result.stderr
+    assert not (out / "diverged.safetensors").exists()  # no non-finite adapter is written
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # the last finite state is kept
+    gd.read_adapter(out / "checkpoint-1" / "adapter.safetensors")  # and it passes validation (finite)

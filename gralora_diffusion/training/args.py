@@ -7,6 +7,7 @@ A user of diffusers' ``train_dreambooth_lora_sdxl.py`` keeps their command line;
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..config import GraloraConfigError, make_gralora_config
@@ -139,6 +140,7 @@ def check_args(args) -> None:
         raise TrainingDataError(f"--instance_data_dir {args.instance_data_dir} does not exist or is not a folder.")
     if args.with_prior_preservation and (not args.class_prompt or not args.class_data_dir):
         raise TrainingDataError("--with_prior_preservation needs --class_prompt and --class_data_dir.")
+    check_numbers(args)
     if args.resolution % 8:
         raise TrainingDataError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -155,6 +157,35 @@ def check_args(args) -> None:
             "another --output_dir."
         )
     resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises for a path that is not a checkpoint
+
+
+# flag -> (check, what it must be); None values (flag not given) are not checked
+_NUMBER_RULES = {
+    "learning_rate": (lambda v: v > 0, "a positive finite number"),
+    "text_encoder_lr": (lambda v: v > 0, "a positive finite number"),
+    "alpha": (lambda v: v > 0, "a positive finite number"),
+    "max_grad_norm": (lambda v: v >= 0, "a finite number >= 0 (0 turns clipping off)"),
+    "snr_gamma": (lambda v: v > 0, "a positive finite number"),
+    "noise_offset": (lambda v: v >= 0, "a finite number >= 0"),
+    "prior_loss_weight": (lambda v: v >= 0, "a finite number >= 0"),
+    "caption_dropout_rate": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "gralora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "resolution": (lambda v: v > 0, "a positive multiple of 8"),
+    "repeats": (lambda v: v >= 1, "at least 1"),
+    "num_train_epochs": (lambda v: v >= 1, "at least 1"),
+    "max_train_steps": (lambda v: v >= 1, "at least 1"),
+    "checkpointing_steps": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_numbers(args) -> None:
+    """Every numeric flag is finite and in range (``--learning_rate nan`` would train and save an all-NaN adapter)."""
+    for name, (ok, expected) in _NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or not ok(value):
+            raise TrainingDataError(f"--{name} must be {expected}, got {value}.")
 
 
 def make_config(**settings) -> argparse.Namespace:

@@ -46,6 +46,13 @@ from .model_card import write_model_card
 from .text import PromptCache, encode_prompts
 
 logger = logging.getLogger("gralora_diffusion.train")
+MAX_SKIPPED_STEPS = 20  # fp16: optimiser steps the gradient scaler may skip (overflow) before the run is stopped
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (the loss became non-finite); the message names the step and what to do."""
+
+
 INTERPOLATION = {"lanczos": 1, "bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image resampling codes
 
 
@@ -198,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDataError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    train(args, instances)
+    try:
+        train(args, instances)
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -250,6 +261,7 @@ class DreamBoothTrainer:
         self.metrics = {"losses": [], "prior_losses": [], "initial_eval_loss": None, "final_eval_loss": None}
         self.sizes_seen: set[tuple[int, int]] = set()  # (width, height) of the pixel batches this process trained on
         self.data_fingerprint = 0.0  # sum of the latents this process trained on: differs between DDP processes
+        self.skipped_steps = 0  # fp16 steps the gradient scaler skipped
         self.validation_prompts = [p.strip() for p in (args.validation_prompt or "").split("|") if p.strip()]
 
     # --- set-up ------------------------------------------------------------------------------------------------
@@ -405,28 +417,31 @@ class DreamBoothTrainer:
             range(self.max_steps), initial=self.global_step, desc="steps",
             disable=not self.accelerator.is_local_main_process,
         )  # fmt: skip
-        for epoch in range(self.first_epoch, self.num_epochs):
-            for model in self.models.values():
-                model.train()
-            batches = self._my_batches(epoch)
-            skip = self.skip_batches if epoch == self.first_epoch else 0
-            epoch_data = EpochBatches(self.dataset, batches, epoch, args.with_prior_preservation, skip)
-            loader = epoch_loader(epoch_data, args.dataloader_num_workers)
-            for micro, batch in enumerate(loader, skip):
-                if not self.step(batch, epoch, micro, last=micro + 1 == len(batches)):
-                    continue
-                progress.update(1)
-                progress.set_postfix(loss=f"{self.metrics['losses'][-1]:.4f}")
-                if self.accelerator.is_main_process and self.global_step % args.checkpointing_steps == 0:
-                    self.checkpoint(epoch, micro, len(batches))
-                if (
-                    self.validation_prompts
-                    and self.accelerator.is_main_process
-                    and _validate_now(args, self.global_step, epoch, micro, batches)
-                ):
-                    self.validate()
-                if self.global_step >= self.max_steps:
-                    return
+        try:
+            for epoch in range(self.first_epoch, self.num_epochs):
+                for model in self.models.values():
+                    model.train()
+                batches = self._my_batches(epoch)
+                skip = self.skip_batches if epoch == self.first_epoch else 0
+                epoch_data = EpochBatches(self.dataset, batches, epoch, args.with_prior_preservation, skip)
+                loader = epoch_loader(epoch_data, args.dataloader_num_workers)
+                for micro, batch in enumerate(loader, skip):
+                    if not self.step(batch, epoch, micro, last=micro + 1 == len(batches)):
+                        continue
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{self.metrics['losses'][-1]:.4f}")
+                    if self.accelerator.is_main_process and self.global_step % args.checkpointing_steps == 0:
+                        self.checkpoint(epoch, micro, len(batches))
+                    if (
+                        self.validation_prompts
+                        and self.accelerator.is_main_process
+                        and _validate_now(args, self.global_step, epoch, micro, batches)
+                    ):
+                        self.validate()
+                    if self.global_step >= self.max_steps:
+                        return
+        finally:
+            progress.close()  # before any error line, so the error is the last thing printed
 
     def step(self, batch: dict, epoch: int, micro: int, last: bool) -> bool:
         """Forward and backward one micro-batch; on the last micro-batch of an accumulation, the optimiser step.
@@ -453,6 +468,12 @@ class DreamBoothTrainer:
                 is_class=torch.tensor(batch["is_class"]), noise_offset=args.noise_offset, snr_gamma=args.snr_gamma,
                 prior_loss_weight=args.prior_loss_weight,
             )  # fmt: skip
+            if accelerator.scaler is None and not bool(torch.isfinite(loss.detach())):
+                raise TrainingStopped(
+                    f"The loss became {loss.item()} at step {self.global_step + 1} (epoch {epoch}); the adapter "
+                    "diverged, so nothing was saved for this run beyond its last checkpoint: lower --learning_rate "
+                    "or --max_grad_norm."
+                )
             accelerator.backward(loss / accum)
         if not sync:
             return False
@@ -461,6 +482,13 @@ class DreamBoothTrainer:
                 [p for g in self.optimizer.param_groups for p in g["params"]], args.max_grad_norm
             )
         self.optimizer.step()
+        if accelerator.optimizer_step_was_skipped:  # fp16: the scaler found inf/NaN gradients and skipped the step
+            self.skipped_steps += 1
+            if self.skipped_steps > MAX_SKIPPED_STEPS:
+                raise TrainingStopped(
+                    f"fp16 overflow: the gradient scaler skipped {self.skipped_steps} steps (the last at step "
+                    f"{self.global_step + 1}); use --mixed_precision bf16 or a lower --learning_rate."
+                )
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -529,6 +557,7 @@ class DreamBoothTrainer:
                     "mixed_precision": accelerator.mixed_precision,
                     "unet_dtype": str(accelerator.unwrap_model(self.models["unet"]).dtype).replace("torch.", ""),
                     "pixel_sizes": sorted(self.sizes_seen),
+                    "skipped_steps": self.skipped_steps,
                     **replicas,
                 }
             )
