@@ -302,3 +302,22 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_saves_nothing(t
     assert not (out / "diverged.safetensors").exists()  # no non-finite adapter is written
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # the last finite state is kept
     gd.read_adapter(out / "checkpoint-1" / "adapter.safetensors")  # and it passes validation (finite)
+
+
+def test_resuming_with_other_settings_is_one_sentence_before_loading(toy_base, instance_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(toy_base, instance_dir, out, "--max_train_steps=2", "--checkpointing_steps=2")
+    base = [
+        f"--pretrained_model_name_or_path={toy_base}", f"--instance_data_dir={instance_dir}",
+        "--instance_prompt=a photo of sks shape", f"--output_dir={out}", "--resolution=64", "--report_to=none",
+        "--resume_from_checkpoint=latest", "--max_train_steps=4",
+    ]  # fmt: skip
+    for extra, expected in (
+        (["--rank=16"], "checkpoint-2 was trained with rank 8 but this run asks for 16"),
+        (["--rank=8", "--alpha=4"], "checkpoint-2 was trained with alpha 16 but this run asks for 4"),
+        (["--rank=8", "--train_text_encoder"], "checkpoint-2 was trained without --train_text_encoder"),
+    ):
+        capsys.readouterr()
+        assert train_main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert expected in err[-1] and err[-1].startswith("error: ")

@@ -262,13 +262,22 @@ def _optimizer():
     return opt
 
 
+STATE = {"epoch": 0, "batches_done_in_epoch": 0, "lr_scheduler": {}}
+
+
 def _write_adapter(path):
-    path.write_bytes(b"adapter")
+    """A tiny valid GraLoRA adapter file (one 8 x 8 layer, r 4, k 2), as a checkpoint holds."""
+    from gralora_diffusion.io import adapter_from_tensors, save_adapter_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"unet.proj.gralora_A": torch.randn(2, 4, 4, generator=g), "unet.proj.gralora_B": torch.zeros(2, 4, 4)}
+    config = '{"unet": {"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 0}}'
+    save_adapter_file(path, adapter_from_tensors(tensors, {"gralora_config": config}, source=str(path)))
 
 
 def test_optimizer_state_round_trips_without_pickle(tmp_path):
     opt = _optimizer()
-    path = ckpt.save_checkpoint(tmp_path, 7, _write_adapter, opt, {"epoch": 1, "batches_done_in_epoch": 2})
+    path = ckpt.save_checkpoint(tmp_path, 7, _write_adapter, opt, {**STATE, "epoch": 1, "batches_done_in_epoch": 2})
     state, restored = ckpt.load_checkpoint(path)
     assert state["step"] == 7 and state["epoch"] == 1
     original = opt.state_dict()
@@ -317,7 +326,7 @@ def test_a_crash_while_writing_leaves_no_checkpoint(tmp_path):
 def test_latest_skips_incomplete_and_prune_keeps_the_newest(tmp_path):
     opt = _optimizer()
     for step in (2, 4, 6):
-        ckpt.save_checkpoint(tmp_path, step, _write_adapter, opt, {})
+        ckpt.save_checkpoint(tmp_path, step, _write_adapter, opt, STATE)
     (tmp_path / "checkpoint-8").mkdir()  # incomplete: no state.json
     (tmp_path / ".checkpoint-10.abc.tmp").mkdir()  # a killed write
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-6"
@@ -329,6 +338,23 @@ def test_latest_skips_incomplete_and_prune_keeps_the_newest(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(tmp_path, "checkpoint-8")
     assert ckpt.resolve_resume(tmp_path / "empty", "latest") is None
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
+    opt = _optimizer()
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(tmp_path, step, _write_adapter, opt, STATE)
+    adapter = tmp_path / "checkpoint-6" / ckpt.ADAPTER_NAME
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated after it was written (disk error, full disk)
+    (tmp_path / "checkpoint-4" / "state.json").write_text("{")  # not JSON
+    with pytest.warns(UserWarning, match=r"checkpoint-6 is damaged .*Resuming from checkpoint-2"):
+        assert ckpt.resolve_resume(tmp_path, "latest").name == "checkpoint-2"
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-6 is damaged and cannot be resumed from") as err:
+        ckpt.resolve_resume(tmp_path, "checkpoint-6")  # named explicitly: refused, one sentence
+    assert "\n" not in str(err.value)
+    (tmp_path / "checkpoint-2" / "optimizer.json").write_text("[]")
+    with pytest.raises(ckpt.CheckpointError, match="No checkpoint .* is intact"):
+        ckpt.resolve_resume(tmp_path, "latest")
 
 
 def test_model_card_has_settings_gallery_and_loading_code():

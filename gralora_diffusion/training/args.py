@@ -156,7 +156,44 @@ def check_args(args) -> None:
             f"{adapter_path(args)} already holds a finished adapter; pass --overwrite_output_dir or choose "
             "another --output_dir."
         )
-    resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises for a path that is not a checkpoint
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises for a damaged or missing one
+    if resume is not None:
+        check_resume_compatible(args, resume)
+
+
+def check_resume_compatible(args, checkpoint: Path) -> None:
+    """The checkpoint was trained with this run's adapter settings and base; else one sentence naming the
+    difference (instead of PEFT's shape-mismatch traceback after the models have loaded)."""
+    from ..config import default_gralora_k
+    from ..io import read_adapter
+    from .checkpoint import ADAPTER_NAME
+
+    adapter = read_adapter(checkpoint / ADAPTER_NAME)
+    unet = adapter.configs.get("unet")
+    wanted = {
+        "rank": args.rank,
+        "gralora_k": args.gralora_k or default_gralora_k(args.rank),
+        "hybrid_r": args.hybrid_r,
+        "alpha": args.alpha if args.alpha is not None else 2 * args.rank,
+    }
+    found = {"rank": unet.r, "gralora_k": unet.gralora_k, "hybrid_r": unet.hybrid_r, "alpha": unet.alpha}
+    for name, value in wanted.items():
+        if float(found[name]) != float(value):
+            raise TrainingDataError(
+                f"{checkpoint.name} was trained with {name} {found[name]:g} but this run asks for {value:g}; resume "
+                "with the same settings or start a new --output_dir."
+            )
+    if ("text_encoder" in adapter.components) != bool(args.train_text_encoder):
+        trained = "with" if "text_encoder" in adapter.components else "without"
+        raise TrainingDataError(
+            f"{checkpoint.name} was trained {trained} --train_text_encoder; resume with the same setting or start a "
+            "new --output_dir."
+        )
+    if adapter.base_model and adapter.base_model != str(args.pretrained_model_name_or_path):
+        raise TrainingDataError(
+            f"{checkpoint.name} was trained on {adapter.base_model}, not {args.pretrained_model_name_or_path}; "
+            "resume on the same base or start a new --output_dir."
+        )
 
 
 # flag -> (check, what it must be); None values (flag not given) are not checked

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..fs import write_directory_atomically
@@ -87,9 +89,39 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Read every file of a checkpoint (state, optimiser, adapter, validated); raise ``CheckpointError`` naming it."""
+    from ..io import read_adapter
+
+    path = Path(path)
+    try:
+        state, _ = load_checkpoint(path)
+        for key in ("step", "epoch", "batches_done_in_epoch", "lr_scheduler"):
+            if key not in state:
+                raise KeyError(f"{STATE_NAME} has no {key!r}")
+        read_adapter(path / ADAPTER_NAME)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is damaged and cannot be resumed from ({reason}).") from None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint: a damaged newer one (e.g. a disk error after it was written) is skipped with a
+    warning, so a resume falls back to the one before it. None when there is none; an error when all are damaged."""
     found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    damaged = []
+    for path in reversed(found):
+        try:
+            check_checkpoint(path)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            warnings.warn(f"{damaged[0]} Resuming from {path.name}, the newest intact checkpoint.", stacklevel=2)
+        return path
+    if damaged:
+        raise CheckpointError(f"No checkpoint in {output_dir} is intact: {damaged[0]}")
+    return None
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -107,6 +139,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
             f"(no {STATE_NAME} / {ADAPTER_NAME}); "
             "use 'latest' or a checkpoint-N folder of the output directory."
         )
+    check_checkpoint(path)
     return path
 
 
