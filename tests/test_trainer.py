@@ -191,6 +191,10 @@ def test_sigkill_and_resume_gives_the_uninterrupted_weights(toy_base, instance_d
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
+    # the loss history from before the kill survives the resume (it travels in the checkpoints)
+    straight, killed = metrics(tmp_path / "straight"), metrics(out)
+    assert killed["losses"] == straight["losses"] and len(killed["losses"]) == 16  # one per optimiser step
+    assert killed["initial_eval_loss"] == straight["initial_eval_loss"] is not None
 
 
 def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
@@ -321,3 +325,13 @@ def test_resuming_with_other_settings_is_one_sentence_before_loading(toy_base, i
         assert train_main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert expected in err[-1] and err[-1].startswith("error: ")
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(toy_base, instance_dir, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    args = [f"--pretrained_model_name_or_path={toy_base}", f"--instance_data_dir={instance_dir}",
+            "--instance_prompt=a photo of sks shape", f"--output_dir={taken}"]  # fmt: skip
+    assert train_main(args) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"

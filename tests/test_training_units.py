@@ -69,6 +69,19 @@ def test_captions_from_txt_then_jsonl_then_instance_prompt(tmp_path):
     ]
 
 
+def test_a_caption_file_that_is_not_utf8_is_named_in_one_sentence(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa photo of sks café".encode("utf-8"))  # UTF-8 with a BOM: read
+    (tmp_path / "b.txt").write_bytes("a photo of sks café".encode("latin-1"))
+    with pytest.raises(TrainingDataError, match=r"b\.txt is not UTF-8 text .*save it as UTF-8") as err:
+        read_image_folder(tmp_path, "x")
+    assert "\n" not in str(err.value)
+    (tmp_path / "b.txt").unlink()
+    records = read_image_folder(tmp_path, "x")
+    assert sorted(r.caption for r in records) == ["a photo of sks café", "x"]
+
+
 def test_unreadable_images_are_named_and_skipped(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "good.png")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")

@@ -141,6 +141,8 @@ def check_args(args) -> None:
     if args.with_prior_preservation and (not args.class_prompt or not args.class_data_dir):
         raise TrainingDataError("--with_prior_preservation needs --class_prompt and --class_data_dir.")
     check_numbers(args)
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise TrainingDataError(f"--output_dir {args.output_dir} is a file, not a folder; choose a folder.")
     if args.resolution % 8:
         raise TrainingDataError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:

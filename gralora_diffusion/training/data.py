@@ -61,12 +61,22 @@ class ImageRecord:
         return self.image.convert("RGB") if self.image is not None else load_rgb(self.path)
 
 
+def read_caption_text(path: Path) -> str:
+    """A caption file's text: UTF-8 (with or without a byte-order mark), else one sentence naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TrainingDataError(
+            f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); save it as UTF-8."
+        ) from None
+
+
 def _read_metadata_jsonl(folder: Path) -> dict[str, str]:
     path = folder / "metadata.jsonl"
     if not path.exists():
         return {}
     captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_caption_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -108,7 +118,7 @@ def read_image_folder(folder: str | Path, default_caption: str, is_class: bool =
             continue
         txt = path.with_suffix(".txt")
         if txt.exists():
-            caption = txt.read_text(encoding="utf-8").strip()
+            caption = read_caption_text(txt).strip()
         else:
             caption = jsonl.get(path.name, default_caption)
         records.append(ImageRecord(path=path, caption=caption, size=size, is_class=is_class))

@@ -392,6 +392,8 @@ class DreamBoothTrainer:
             if accelerator.scaler is not None and state.get("scaler"):
                 accelerator.scaler.load_state_dict(state["scaler"])
             self.global_step, self.first_epoch = state["step"], state["epoch"]
+            self.metrics.update(state.get("metrics", {}))
+            self.skipped_steps = state.get("skipped_steps", 0)
             self.skip_batches = state["batches_done_in_epoch"]
             logger.info(f"Resumed from {path} at step {self.global_step}")
         elif args.resume_from_checkpoint:
@@ -509,6 +511,9 @@ class DreamBoothTrainer:
             **position,
             "lr_scheduler": _jsonable(self.lr_scheduler.state_dict()),
             "scaler": scaler.state_dict() if scaler is not None else None,
+            # the history so far, so that train_metrics.json and the model card survive any number of resumes
+            "metrics": {k: self.metrics[k] for k in ("losses", "prior_losses", "initial_eval_loss")},
+            "skipped_steps": self.skipped_steps,
         }
         step = self.global_step
         path = ckpt.save_checkpoint(
