@@ -389,6 +389,15 @@ def shape_of(row: dict) -> str:
     return f"{row['tokens']}x{row['features']}"
 
 
+# the columns every table starts with: which layer, which rank and k, which variant
+KEY_COLUMNS = [
+    ("shape", shape_of, ""),
+    ("r", lambda r: r["rank"], ""),
+    ("k", lambda r: r["k"], ""),
+    ("variant", lambda r: r["variant"], ""),
+]
+
+
 def print_report(rows: list[dict], device, dtype, half) -> None:
     train = [r for r in rows if r["section"] == "train"]
     half_name = str(half).removeprefix("torch.")
@@ -398,10 +407,7 @@ def print_report(rows: list[dict], device, dtype, half) -> None:
         f"autocast at {train[0]['ops_mixed_tokens'] if train else '-'} tokens; copies of >= input numel)",
         train,
         [
-            ("shape", shape_of, ""),
-            ("r", lambda r: r["rank"], ""),
-            ("k", lambda r: r["k"], ""),
-            ("variant", lambda r: r["variant"], ""),
+            *KEY_COLUMNS,
             ("params", lambda r: r["adapter_params"], ""),
             ("fp32 ops", lambda r: r["ops_fp32"]["total"], ""),
             ("compute", lambda r: r["ops_fp32"]["compute"], ""),
@@ -437,10 +443,7 @@ def print_report(rows: list[dict], device, dtype, half) -> None:
         f"{', autocast' if dtype != torch.float32 else ''}; batch 2; medians; ratios are per-round medians)",
         train,
         [
-            ("shape", shape_of, ""),
-            ("r", lambda r: r["rank"], ""),
-            ("k", lambda r: r["k"], ""),
-            ("variant", lambda r: r["variant"], ""),
+            *KEY_COLUMNS,
             ("ms", lambda r: r["median_s"] * 1e3, ".2f"),
             ("over base ms", lambda r: r["over_base_s"] * 1e3, ".2f"),
             ("t/LoRA", lambda r: r["time_vs_lora"], ".2f"),
@@ -459,10 +462,7 @@ def print_report(rows: list[dict], device, dtype, half) -> None:
             f"({str(dtype).removeprefix('torch.')}; batch 2; medians; ratios are per-round medians)",
             inference,
             [
-                ("shape", shape_of, ""),
-                ("r", lambda r: r["rank"], ""),
-                ("k", lambda r: r["k"], ""),
-                ("variant", lambda r: r["variant"], ""),
+                *KEY_COLUMNS,
                 ("ops", lambda r: r["ops"]["total"], ""),
                 ("compute", lambda r: r["ops"]["compute"], ""),
                 ("copies", lambda r: r["ops"]["copies"], ""),

@@ -11,6 +11,7 @@ does not pay for torch, diffusers and PEFT, and importing the package has no sid
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -57,17 +58,11 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 
-_SUBMODULES = {
-    "adapters", "cli", "config", "demo", "evaluator", "export", "families", "fs", "io", "layers", "names",
-    "peft_ops", "pipeline", "studio", "toy", "training", "ui", "world",
-}  # fmt: skip
-
-
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:  # ``gralora_diffusion.layers`` without importing it first, as before
-        value = importlib.import_module(f".{name}", __name__)
-    elif name in _WHERE:
+    if name in _WHERE:
         value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, without importing it first
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

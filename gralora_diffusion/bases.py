@@ -10,40 +10,38 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# name -> toy kind; the model ids toy adapters record resolve too, so a recorded base can be read back offline
-_TOY_NAMES = {
-    "toy": "sdxl",
-    "toy-sdxl": "sdxl",
-    "toy-sd15": "sd15",
-    "toy-sd3": "sd3",
-    "gralora-diffusion/toy-sdxl": "sdxl",
-    "gralora-diffusion/toy-sd15": "sd15",
-    "gralora-diffusion/toy-sd3": "sd3",
-}
-NAMES = ("toy", "toy-world", "toy-sd15", "toy-sd3")  # what users may type
+_TOY_NAMES = {"toy": "sdxl", "toy-sdxl": "sdxl", "toy-sd15": "sd15", "toy-sd3": "sd3"}  # name -> toy kind
+
+
+def _toy_kind(name: str) -> str | None:
+    """The toy kind a name (or a toy adapter's recorded model id) stands for, else None."""
+    if name in _TOY_NAMES:
+        return _TOY_NAMES[name]
+    from .toy import TOY_KINDS
+
+    return next((kind for kind, (_, model_id) in TOY_KINDS.items() if model_id == name), None)
 
 
 def resolve_base(base: str | os.PathLike | None) -> str:
     """A base given by name or path: ``None`` or ``"toy"`` is the random toy SDXL (saved once into the cache),
-    ``"toy-world"`` the pretrained toy SDXL, ``"toy-sd15"`` / ``"toy-sd3"`` the other toy families; anything else (a
-    folder or hub id) is returned as it is."""
-    if base is None:
-        base = "toy"
-    text = str(base)
+    ``"toy-world"`` the pretrained toy SDXL, ``"toy-sd15"`` / ``"toy-sd3"`` the other toy families (a toy adapter's
+    recorded id resolves too); anything else (a folder or hub id) is returned as it is."""
+    text = "toy" if base is None else str(base)
     if text == "toy-world":
         from .toy import toy_world_base_dir
 
         return str(toy_world_base_dir())
-    if text in _TOY_NAMES:
-        from .toy import toy_base_dir
+    kind = _toy_kind(text)
+    if kind is None:
+        return text
+    from .toy import toy_base_dir
 
-        return str(toy_base_dir(_TOY_NAMES[text]))
-    return text
+    return str(toy_base_dir(kind))
 
 
 def is_registered(base: str | None) -> bool:
     """Whether ``base`` is one of this registry's names (or a toy adapter's recorded id)."""
-    return base is not None and (base in _TOY_NAMES or base == "toy-world")
+    return base is not None and (base == "toy-world" or _toy_kind(base) is not None)
 
 
 def shown_path(path: str | os.PathLike) -> str:

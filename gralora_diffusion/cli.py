@@ -54,15 +54,16 @@ def _base_dir(base: str | None) -> str:
 
 def _read_adapters(specs: list[tuple[str, float]], base: str) -> list:
     """Read every adapter and check it against the base's module shapes (configs only), before any weight loads."""
-    from .export import base_skeleton, check_fits_base
+    from .export import base_skeleton
     from .io import read_adapter
+    from .peft_ops import check_fits
 
     if not specs:
         raise ValueError("Give at least one adapter file.")
     adapters = [read_adapter(path) for path, _ in specs]
     models = base_skeleton(base)
     for adapter in adapters:
-        check_fits_base(adapter, models)
+        check_fits(models, adapter)
     return adapters
 
 

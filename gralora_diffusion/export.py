@@ -362,11 +362,6 @@ def base_skeleton(base: str | os.PathLike, *, local_files_only: bool = False) ->
     return models
 
 
-def check_fits_base(adapter: AdapterFile, models: Mapping[str, nn.Module]) -> None:
-    """Raise (one sentence) if an adapted module is missing from the base or has other shapes there."""
-    check_fits(models, adapter)
-
-
 def _layout_from_models(source: str, models: dict[str, nn.Module]) -> BaseLayout:
     unet = models.get("unet")
     unet_config = dict(unet.config) if unet is not None else None
@@ -393,7 +388,7 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
                 models = None
         if models is None:
             return BaseLayout("SDXL (built-in layout; pass --base to read another)", SDXL_UNET_CONFIG, "sdxl")
-    check_fits_base(adapter, models)
+    check_fits(models, adapter)
     return _layout_from_models(source, models)
 
 
@@ -513,7 +508,7 @@ def export_lora(
         names = kohya_names(adapter, base_layout)
         naming_source = base_layout.source
     elif base is not None:
-        check_fits_base(adapter, base_skeleton(base))
+        check_fits(base_skeleton(base), adapter)
     factors, reports = to_lora(adapter, rank=rank, energy=energy, exact=exact, dtype=dtype)
     tensors = lora_tensors(factors, layout, names)
     metadata = {

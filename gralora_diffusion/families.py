@@ -1,7 +1,7 @@
 """One spec per model family: what differs between SD 1.x, SDXL and SD3 lives here, and everything else asks it.
 
 A spec names the family's adaptable components (the denoiser, ``unet`` or ``transformer``, and its text encoders),
-the target presets of each, the kohya/ComfyUI module-name prefixes, and the app's defaults (guidance). It is looked
+the target presets of each, the kohya/ComfyUI module-name prefixes, and the kind of sampler it takes. It is looked
 up from the pipeline class, as diffusers keeps one LoRA loader mixin per family, or from the components a pipeline
 (or a set of models) has when the class is not known.
 """
@@ -52,17 +52,11 @@ class ModelFamily:
     text_encoders: tuple[str, ...]
     presets: Mapping[str, Mapping[str, str]]  # component -> {"attention": preset, "wide": preset}
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya prefix; empty: no kohya
-    default_guidance: float = 5.0
     flow_matching: bool = False  # sampled with flow-matching schedulers (SD3), not the epsilon/v ones
-    trainable: bool = False  # the DreamBooth trainer's prompt encoding and loss conditioning exist for it
 
     @property
     def components(self) -> tuple[str, ...]:
         return (self.denoiser, *self.text_encoders)
-
-    def targets(self, component: str, preset: str = "attention") -> tuple[str, ...]:
-        """The module-name suffixes the ``preset`` ("attention" or "wide") adapts in ``component``."""
-        return PRESETS[self.presets[component][preset]]
 
     def component_weights(self, denoiser: float, text_encoders: float) -> dict[str, float]:
         """A per-component blend weight: one for the denoiser, one for every text encoder."""
@@ -82,7 +76,6 @@ SD1 = ModelFamily(
     text_encoders=("text_encoder",),
     presets={"unet": {"attention": "unet-attention", "wide": "unet-wide"}, "text_encoder": _CLIP},
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
-    default_guidance=7.5,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -99,8 +92,6 @@ SDXL = ModelFamily(
         "text_encoder_2": _CLIP,
     },
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-    default_guidance=5.0,
-    trainable=True,
 )
 SD3 = ModelFamily(
     name="sd3",
@@ -117,7 +108,6 @@ SD3 = ModelFamily(
         "text_encoder_2": _CLIP,
         "text_encoder_3": {"attention": "t5-attention", "wide": "t5-wide"},
     },
-    default_guidance=7.0,
     flow_matching=True,
 )
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SDXL, SD3)

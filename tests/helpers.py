@@ -35,8 +35,11 @@ def unet_inputs(pipe, seed: int = 0, batch: int = 2):
 
 
 @torch.no_grad()
-def unet_out(pipe, seed: int = 0) -> torch.Tensor:
+def unet_out(pipe, seed: int = 0, scale: float | None = None) -> torch.Tensor:
+    """The UNet's output on fixed inputs; ``scale`` passes diffusers' ``cross_attention_kwargs={"scale": ...}``."""
     sample, t, hidden, kwargs = unet_inputs(pipe, seed)
+    if scale is not None:
+        kwargs["cross_attention_kwargs"] = {"scale": scale}
     return pipe.unet(sample, t, encoder_hidden_states=hidden, **kwargs).sample
 
 

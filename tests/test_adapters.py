@@ -225,9 +225,7 @@ def test_diffusers_scale_hooks_work_on_gralora_layers(sdxl, adapter_files):
     """cross_attention_kwargs={"scale": s} (diffusers' LoRA scale) scales GraLoRA adapters too, then restores."""
     a, _ = adapter_files
     gd.load_gralora_weights(sdxl, a)
-    sample, t, hidden, kwargs = unet_inputs(sdxl)
-    with torch.no_grad():
-        scaled = sdxl.unet(sample, t, hidden, cross_attention_kwargs={"scale": 0.5}, **kwargs).sample
+    scaled = unet_out(sdxl, scale=0.5)
     assert gd.get_active_gralora_adapters(sdxl)["a"]["unet"] == pytest.approx(1.0)  # restored afterwards
     gd.set_gralora_adapters(sdxl, "a", 0.5)
     torch.testing.assert_close(scaled, unet_out(sdxl), atol=1e-6, rtol=1e-6)

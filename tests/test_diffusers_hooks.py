@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import unet_inputs, unet_out
+from helpers import unet_out
 
 import gralora_diffusion as gd
-
-
-@torch.no_grad()
-def scaled_unet_out(pipe, scale: float) -> torch.Tensor:
-    sample, t, hidden, kwargs = unet_inputs(pipe)
-    return pipe.unet(sample, t, encoder_hidden_states=hidden, cross_attention_kwargs={"scale": scale}, **kwargs).sample
 
 
 def unet_state(pipe) -> dict[str, torch.Tensor]:
@@ -31,7 +25,7 @@ def test_scaled_forwards_leave_fused_weights_bit_identical(sdxl, adapter_files):
     fused = unet_out(sdxl)
     before = unet_state(sdxl)
     for scale in (0.5, 2.0, 0.0, 0.5, 0.0, 1.5):
-        out = scaled_unet_out(sdxl, scale)
+        out = unet_out(sdxl, scale=scale)
         torch.testing.assert_close(out, fused, atol=0, rtol=0)  # as for LoRA: a fused adapter ignores the scale
     after = unet_state(sdxl)
     assert before.keys() == after.keys()
@@ -49,8 +43,8 @@ def test_scale_multiplies_unfused_adapters_and_never_changes_the_stored_weight(s
     gd.set_gralora_adapters(sdxl, "a", 0.7)
     at_07 = unet_out(sdxl)
     assert (at_07 - base).abs().max() > 1e-3  # the adapter has a visible effect
-    torch.testing.assert_close(scaled_unet_out(sdxl, 0.5), at_035, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(scaled_unet_out(sdxl, 0.0), base, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(unet_out(sdxl, scale=0.5), at_035, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unet_out(sdxl, scale=0.0), base, atol=1e-6, rtol=1e-6)
     # diffusers ends the scale-0 forward with set_scale(name, 1.0): the user's 0.7 must survive it
     assert gd.get_active_gralora_adapters(sdxl)["a"] == {"unet": 0.7, "text_encoder": 0.7, "text_encoder_2": 0.7}
     torch.testing.assert_close(unet_out(sdxl), at_07, atol=0, rtol=0)
@@ -62,7 +56,7 @@ def test_scale_zero_with_two_active_adapters_keeps_both_weights(sdxl, adapter_fi
     gd.load_gralora_weights(sdxl, b)
     gd.set_gralora_adapters(sdxl, ["a", "b"], [0.6, -0.3])
     blended = unet_out(sdxl)
-    scaled_unet_out(sdxl, 0.0)
+    unet_out(sdxl, scale=0.0)
     active = gd.get_active_gralora_adapters(sdxl)
     assert active["a"]["unet"] == 0.6 and active["b"]["unet"] == -0.3
     torch.testing.assert_close(unet_out(sdxl), blended, atol=0, rtol=0)
