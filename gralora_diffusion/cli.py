@@ -1,6 +1,7 @@
 """The ``gralora`` command: export to LoRA, merge into a checkpoint, generate, inspect.
 
     gralora export ADAPTER.safetensors --to diffusers|kohya (--rank N | --energy 0.99 | --exact) -o OUT.safetensors
+    gralora export ADAPTER.safetensors --to comfyui -o OUT.safetensors
     gralora merge [--base PATH_OR_ID] ADAPTER[:WEIGHT] ... -o DIR
     gralora generate [--base PATH_OR_ID] --adapter FILE[:WEIGHT] ... --prompt "..." --seed 0 -o out.png
     gralora inspect ADAPTER.safetensors [--json]
@@ -85,16 +86,27 @@ def _load_pipeline(base: str, dtype: str | None = None):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .bases import is_registered, resolve_base
-    from .export import export_lora
+    from .export import export_comfyui, export_lora
     from .io import read_adapter
 
     base = args.base
     if base is None:  # a toy adapter's recorded base is readable offline through the registry
         recorded = read_adapter(args.adapter).base_model
         base = recorded if is_registered(recorded) else None
+    base = resolve_base(base) if base is not None else None
+    if args.to == "comfyui":
+        if args.rank is not None or args.energy is not None or args.exact:
+            raise ValueError("--to comfyui writes the GraLoRA factors as they are; drop --rank, --energy and --exact.")
+        result = export_comfyui(args.adapter, args.output, base=base, dtype=args.dtype)
+        layers = sum(r.layers for r in result.components)
+        print(
+            f"wrote {result.path} (GraLoRA factors of {layers} layers for ComfyUI with the gralora node; UNet blocks "
+            f"named for {result.unet_naming})"
+        )
+        return 0
     result = export_lora(
-        args.adapter, args.output, args.to, rank=args.rank, energy=args.energy, exact=args.exact,
-        base=resolve_base(base) if base is not None else None, dtype=args.dtype,
+        args.adapter, args.output, args.to, rank=args.rank, energy=args.energy, exact=args.exact, base=base,
+        dtype=args.dtype,
     )  # fmt: skip
     print(f"{'component':<15} {'layers':>6}  {'rank':<7} {'relative error':>14}  {'worst layer':>11}")
     for r in result.components:
@@ -103,6 +115,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     naming = f"; UNet blocks named for {result.unet_naming}" if result.unet_naming else ""
     print(f"wrote {result.path} ({result.layout} layout{naming})")
+    if args.to == "diffusers":
+        print(
+            "note: this layout is for diffusers' load_lora_weights; ComfyUI and AUTOMATIC1111 do not map its UNet "
+            "attention layers: use --to kohya (a LoRA) or --to comfyui (GraLoRA, with the gralora node) for them."
+        )
     return 0
 
 
@@ -234,17 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write the adapter as an ordinary LoRA (diffusers or kohya/webui keys)",
+        help="write the adapter as an ordinary LoRA (diffusers or kohya keys) or for the ComfyUI node",
         description="Write a GraLoRA adapter as an ordinary LoRA: lossless (--exact, rank k*r + hybrid_r) or "
         "SVD-truncated (--rank, --energy). Prints per component the rank and the relative Frobenius error of the "
         "delta.",
     )
     p.add_argument("adapter", help="GraLoRA .safetensors file")
     p.add_argument(
-        "--to", choices=["diffusers", "kohya"], default="diffusers",
-        help="key layout: diffusers (pipe.load_lora_weights) or kohya (AUTOMATIC1111, ComfyUI); default diffusers",
+        "--to", choices=["diffusers", "kohya", "comfyui"], default="diffusers",
+        help="diffusers (pipe.load_lora_weights), kohya (a LoRA for AUTOMATIC1111, Forge, ComfyUI) or comfyui (the "
+        "GraLoRA factors, no SVD, for ComfyUI with integrations/comfyui installed); default diffusers",
     )  # fmt: skip
-    how = p.add_mutually_exclusive_group(required=True)
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, help="the same LoRA rank for every layer (SVD truncation)")
     how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share (0-1] of the energy")
     how.add_argument("--exact", action="store_true", help="the lossless rank k*r + hybrid_r (capped by the layer)")

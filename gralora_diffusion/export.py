@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -46,9 +45,10 @@ from .fs import write_file_atomically
 from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
 from .names import CLIP_PREFIX
+from .original_layout import LayoutError, NotInUNetLayout, SgmNaming
 from .peft_ops import check_fits
 
-LAYOUTS = ("diffusers", "kohya")
+LAYOUTS = ("diffusers", "kohya")  # LoRA layouts; "comfyui" (GraLoRA factors, no SVD) is export_comfyui
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # The block layout of SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): used for kohya names
@@ -63,10 +63,6 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 
 class ExportError(ValueError):
     """The export cannot be done as asked; the message says why and what to do."""
-
-
-class NotInUNetLayout(ExportError):
-    """A UNet module has no place in the UNet layout the kohya names are derived from (another base model)."""
 
 
 @dataclass
@@ -205,88 +201,6 @@ def to_lora(
 
 # --- kohya names -----------------------------------------------------------------------------------------------------
 
-_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)")
-_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
-# Linear layers outside the blocks, diffusers -> SGM (time embedding MLP; SDXL's added-conditioning MLP).
-_SGM_EMBEDDINGS = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-}
-# The one linear layer of a ResnetBlock2D (GraLoRA adapts linear layers only).
-_SGM_RESNET_LINEARS = {"time_emb_proj": "emb_layers.1"}
-
-
-@dataclass(frozen=True)
-class SgmNaming:
-    """Diffusers UNet module paths in the original (LDM/SGM) UNet's naming, which kohya's SDXL scripts and A1111 use.
-
-    The SGM UNet numbers its blocks in flat lists: ``input_blocks`` = conv_in, then per down block its layers
-    (resnet ``.0`` + attention ``.1``) and, except after the last block, a downsampler; ``middle_block`` = resnet,
-    attention, resnet; ``output_blocks`` = per up block its layers (layers_per_block + 1, the upsampler inside the
-    last). The numbering is derived from the UNet config (``from_unet_config``), so a small UNet and SDXL's map by the
-    same rule.
-    """
-
-    down_layers: tuple[int, ...]  # layers (resnets) per down block
-    down_attention: tuple[bool, ...]
-    up_layers: tuple[int, ...]  # layers per up block
-    up_attention: tuple[bool, ...]
-    mid_attention: bool
-
-    @classmethod
-    def from_unet_config(cls, config: Mapping[str, Any]) -> SgmNaming:
-        down_types = tuple(config["down_block_types"])
-        up_types = tuple(config["up_block_types"])
-        per_block = config.get("layers_per_block", 2)
-        down = (per_block,) * len(down_types) if isinstance(per_block, int) else tuple(per_block)
-        return cls(
-            down_layers=down,
-            down_attention=tuple("Attn" in t for t in down_types),
-            up_layers=tuple(n + 1 for n in reversed(down)),
-            up_attention=tuple("Attn" in t for t in up_types),
-            mid_attention="Attn" in str(config.get("mid_block_type", "UNetMidBlock2DCrossAttn")),
-        )
-
-    def name(self, module: str) -> str:
-        """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``input_blocks.4.1.transformer_...``
-        (on SDXL); raises ``ExportError`` for a module this UNet layout does not have."""
-        if module in _SGM_EMBEDDINGS:
-            return _SGM_EMBEDDINGS[module]
-        m = _BLOCK.fullmatch(module)
-        if m:
-            side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-            layers, attention = (
-                (self.down_layers, self.down_attention) if side == "down" else (self.up_layers, self.up_attention)
-            )
-            if i >= len(layers) or j >= layers[i] or (kind == "attentions" and not attention[i]):
-                raise NotInUNetLayout(f"UNet module {module!r} does not exist in the UNet")
-            if side == "down":
-                block = f"input_blocks.{1 + sum(n + 1 for n in layers[:i]) + j}"
-            else:
-                block = f"output_blocks.{sum(layers[:i]) + j}"
-            return f"{block}.{self._inner(module, kind, rest)}"
-        m = _MID.fullmatch(module)
-        if m:
-            kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
-            index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}.get((kind, j))
-            if index is None or (kind == "attentions" and not self.mid_attention):
-                raise NotInUNetLayout(f"UNet module {module!r} does not exist in the UNet")
-            return f"middle_block.{index}.{self._inner(module, kind, rest, mid=True)}"
-        raise ExportError(
-            f"UNet module {module!r} has no kohya name (mapped: attention blocks, resnet time projections, time and "
-            "added-condition embeddings)"
-        )
-
-    @staticmethod
-    def _inner(module: str, kind: str, rest: str, mid: bool = False) -> str:
-        if kind == "attentions":
-            return rest if mid else f"1.{rest}"
-        if rest not in _SGM_RESNET_LINEARS:
-            raise ExportError(f"UNet module {module!r} has no kohya name (in a resnet only time_emb_proj is linear)")
-        return _SGM_RESNET_LINEARS[rest] if mid else f"0.{_SGM_RESNET_LINEARS[rest]}"
-
 
 def kohya_prefix(component: str, family: str) -> str:
     """The family's kohya prefix: ``lora_unet`` / ``lora_te1`` / ``lora_te2`` on SDXL, ``lora_te`` for SD 1.x."""
@@ -411,7 +325,7 @@ def kohya_names(adapter: AdapterFile, layout: BaseLayout) -> dict[tuple[str, str
                     f"{adapter.source}: {err} of {layout.source}, so the adapter was made for another base; "
                     "pass the adapter's base model with --base."
                 ) from None
-            except ExportError as err:
+            except LayoutError as err:
                 raise ExportError(f"{adapter.source}: {err}; export with --to diffusers instead.") from None
     clashes = [n for n, c in Counter(names.values()).items() if c > 1]
     if clashes:
@@ -530,3 +444,61 @@ def export_lora(
             metadata[key] = adapter.metadata[key]
     write_file_atomically(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return ExportResult(out_path, layout, reports, naming_source)
+
+
+def comfyui_tensors(adapter: AdapterFile, names: Mapping[tuple[str, str], str], dtype: torch.dtype) -> dict:
+    """The adapter's own factors under kohya module names, as the ComfyUI node (``integrations/comfyui``) reads them:
+    ``<name>.gralora_A`` / ``.gralora_B`` (and the hybrid ``.gralora_A_general.weight`` / ``.gralora_B_general.weight``)
+    and a per-layer ``<name>.alpha``, so ComfyUI scales each layer by alpha / (r + hybrid_r) as PEFT does."""
+    out = {}
+    for component in adapter.components:
+        cfg = adapter.configs[component]
+        sd = adapter.state_dicts[component]
+        for module in adapter.module_names(component):
+            key = names[component, module]
+            for suffix in ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight"):
+                if f"{module}.{suffix}" in sd:
+                    out[f"{key}.{suffix}"] = sd[f"{module}.{suffix}"].to(dtype).contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(cfg.alpha), dtype=dtype)
+    return out
+
+
+def export_comfyui(
+    adapter: AdapterFile | str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> ExportResult:
+    """Write ``adapter`` for ComfyUI with the GraLoRA node: its factors as they are (no SVD, no loss, the adapter's
+    size) under the kohya module names ComfyUI maps. ``base`` names the UNet blocks as for ``export_lora``."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ExportError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    if not isinstance(adapter, AdapterFile):
+        source = Path(adapter)
+        if source.exists() and out_path.exists() and out_path.resolve() == source.resolve():
+            raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
+        adapter = read_adapter(source)
+    base_layout = resolve_base_layout(adapter, base)
+    names = kohya_names(adapter, base_layout)
+    tensors = comfyui_tensors(adapter, names, dtype)
+    metadata = {
+        "format": "pt",
+        "source": "gralora-diffusion export",
+        "gralora_adapter": Path(adapter.source).name,
+        "base_model": adapter.base_model,
+        "ss_network_module": "gralora",
+    }
+    for key in ("trigger_prompt", "steps"):
+        if adapter.metadata.get(key):
+            metadata[key] = adapter.metadata[key]
+    write_file_atomically(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    reports = [
+        ComponentReport(c, len(adapter.module_names(c)), [adapter.configs[c].r], 0.0, 0.0) for c in adapter.components
+    ]
+    return ExportResult(out_path, "comfyui", reports, base_layout.source)

@@ -82,17 +82,17 @@ def _toy_tokenizer(pad_token: str):
         return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
 
 
-def _text_encoder_config(vocab_size: int, projection: bool):
+def _text_encoder_config(vocab_size: int, projection: bool, width: int = 32, layers: int = 2, padding: int = 0):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        vocab_size=vocab_size + padding,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=32 if projection else 512,
+        projection_dim=width if projection else 512,
         hidden_act="gelu",
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
@@ -100,7 +100,7 @@ def _text_encoder_config(vocab_size: int, projection: bool):
     )
 
 
-def _vae(seed: int, channels: tuple[int, ...] = (16, 32), **extra):
+def _vae(seed: int, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4, **extra):
     """SDXL's VAE class; each block after the first halves the resolution (2 blocks: 64 px -> 32 x 32 latents)."""
     from diffusers import AutoencoderKL
 
@@ -111,7 +111,7 @@ def _vae(seed: int, channels: tuple[int, ...] = (16, 32), **extra):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         **{"scaling_factor": 0.13025, **extra},
@@ -139,14 +139,17 @@ def _tokenizers_and_vocab():
     return tokenizer, tokenizer_2, len(tokenizer.get_vocab())
 
 
-def _toy_unet(channels: tuple[int, int] = (32, 64), layers_per_block: int = 1, sample_size: int = 32, **extra):
+def _toy_unet(
+    channels: tuple[int, int] = (32, 64), layers_per_block: int = 1, sample_size: int = 32, latent_channels: int = 4,
+    **extra,
+):  # fmt: skip
     """The toy UNet: SDXL's block layout (plain down block, then cross-attention blocks) at toy widths."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=tuple(channels),
         layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -176,11 +179,16 @@ def build_toy_sdxl_pipeline(
     layers_per_block: int = 1,
     vae_channels: tuple[int, ...] = (16, 32),
     transformer_layers: tuple[int, int] = (1, 2),
+    text_widths: tuple[int, int] = (32, 32),
+    text_layers: int = 2,
+    vocab_padding: int = 0,
 ):
     """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights.
 
-    The keyword arguments size the UNet (``transformer_layers``: transformer blocks per attention of each UNet level)
-    and the VAE (the pretrained toy-world base is a wider variant); the defaults are the
+    The keyword arguments size the UNet (``transformer_layers``: transformer blocks per attention of each UNet level),
+    the VAE (the pretrained toy-world base is a wider variant) and the two text encoders (``text_widths``: their hidden
+    sizes, which SDXL has unequal, 768 and 1280, and single-file loaders tell apart by; ``vocab_padding``: extra
+    embedding rows, for loaders that expect CLIP's 49408-token table); the defaults are the
     few-hundred-thousand-parameter model the tests use.
     """
     from diffusers import StableDiffusionXLPipeline
@@ -194,15 +202,17 @@ def build_toy_sdxl_pipeline(
         sample_size=64 // 2 ** (len(vae_channels) - 1),
         transformer_layers_per_block=tuple(transformer_layers),
         use_linear_projection=True,
-        cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
+        cross_attention_dim=sum(text_widths),  # hidden size of text encoder 1 + text encoder 2, as in SDXL
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text embedding + 6 time ids
+        projection_class_embeddings_input_dim=text_widths[1] + 6 * 8,  # pooled text embedding + 6 time ids
     )
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, projection=False))
+    text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, False, text_widths[0], text_layers, vocab_padding))
     torch.manual_seed(seed + 2)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(vocab_size, projection=True))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(vocab_size, True, text_widths[1], text_layers, vocab_padding)
+    )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(seed, vae_channels),
         text_encoder=text_encoder,

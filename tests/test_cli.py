@@ -127,7 +127,14 @@ BAD_INPUT = {
     "rank 0": (lambda t, a: ["export", str(a), "--rank", "0"], "--rank must be a positive integer"),
     "rank above the layer": (lambda t, a: ["export", str(a), "--rank", "33"], "is larger than"),
     "energy above 1": (lambda t, a: ["export", str(a), "--energy", "1.5"], "--energy must be in (0, 1]"),
-    "no method": (lambda t, a: ["export", str(a)], "one of the arguments --rank --energy --exact is required"),
+    "no method": (lambda t, a: ["export", str(a)], "Choose exactly one of --rank N, --energy F or --exact"),
+    "comfyui with a method": (
+        lambda t, a: ["export", str(a), "--to", "comfyui", "--exact"], "writes the GraLoRA factors as they are"
+    ),
+    "comfyui to another base": (
+        lambda t, a: ["export", str(_sd15_adapter(t)), "--to", "comfyui", "--base", str(toy_sdxl_base_dir())],
+        "trained on another base model",
+    ),
     "output is the input": (lambda t, a: ["export", str(a), "--exact", "-o", str(a)], "is the adapter itself"),
     "export to another base": (
         lambda t, a: ["export", str(_sd15_adapter(t)), "--exact", "--to", "kohya", "--base", str(toy_sdxl_base_dir())],
