@@ -1,14 +1,21 @@
-"""Base models by name: the one registry of the names this project adds (the offline toy bases), used only at the
+"""Base models by name: the one registry of the names this project adds (the offline toy bases), and single-file
+checkpoints (one ``.safetensors`` in the original layout, as most community SDXL models are shared), used only at the
 entry points (the ``gralora`` command, the app, the trainer, the demo, benchmarks). Everything below them sees
-diffusers folders and hub ids only.
+diffusers folders, hub ids and loaded pipelines only.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Where a single file's architecture configs come from when none is given: SDXL base 1.0, as diffusers does for an
+# SDXL checkpoint. A local diffusers folder of the same architecture works offline.
+SINGLE_FILE_CONFIG = "stabilityai/stable-diffusion-xl-base-1.0"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _TOY_NAMES = {"toy": "sdxl", "toy-sdxl": "sdxl", "toy-sd15": "sd15", "toy-sd3": "sd3"}  # name -> toy kind
 
@@ -53,3 +60,60 @@ def shown_path(path: str | os.PathLike) -> str:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
+
+
+def is_single_file(base: str | os.PathLike | None) -> bool:
+    """Whether ``base`` names a single checkpoint file (``.safetensors``, or a pickle format this project refuses)."""
+    return base is not None and str(base).lower().endswith((".safetensors", *_PICKLE_SUFFIXES))
+
+
+def check_single_file(base: str | os.PathLike) -> Path:
+    """The single-file checkpoint ``base`` as a path, or one sentence saying why it cannot be read."""
+    path = Path(base).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path.name} is a pickle checkpoint, which can run code when loaded; only .safetensors single files are "
+            "read: use the model's .safetensors release or convert it once in a trusted environment."
+        )
+    if not path.is_file():
+        raise ValueError(f"The single-file checkpoint {path} does not exist; check the path.")
+    return path
+
+
+def config_source(base: str | os.PathLike, single_file_config: str | os.PathLike | None = None) -> str:
+    """Where the architecture configs of ``base`` are read: the base itself (a diffusers folder or hub id), or for
+    a single file ``single_file_config`` (default ``SINGLE_FILE_CONFIG``), resolved like a base name."""
+    if not is_single_file(base):
+        return str(base)
+    check_single_file(base)
+    return resolve_base(single_file_config or SINGLE_FILE_CONFIG)
+
+
+def load_pipeline(base: str | os.PathLike, *, single_file_config: str | os.PathLike | None = None, **kwargs) -> Any:
+    """The diffusers pipeline ``base`` names: ``from_pretrained`` for a folder or hub id (the class its
+    model_index.json names), ``from_single_file`` for a ``.safetensors`` checkpoint, with the pipeline class and the
+    component configs of ``single_file_config``. ``kwargs`` go to the loader (``torch_dtype``, component overrides)."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        if not is_single_file(base):
+            return DiffusionPipeline.from_pretrained(str(base), **kwargs)
+        import diffusers
+
+        path = check_single_file(base)
+        config = config_source(base, single_file_config)
+        try:
+            class_name = DiffusionPipeline.load_config(config)["_class_name"]
+        except (OSError, ValueError, KeyError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"Cannot read the architecture configs for {path.name} from {config} ({first}); pass "
+                "--single_file_config with a diffusers folder (or downloaded hub id) of the same architecture."
+            ) from None
+        pipeline_class = getattr(diffusers, class_name, None)
+        if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+            raise ValueError(f"{config} names {class_name}, which cannot load single files; pass another config.")
+        return pipeline_class.from_single_file(str(path), config=config, **kwargs)

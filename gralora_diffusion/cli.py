@@ -2,7 +2,7 @@
 
     gralora export ADAPTER.safetensors --to diffusers|kohya (--rank N | --energy 0.99 | --exact) -o OUT.safetensors
     gralora export ADAPTER.safetensors --to comfyui -o OUT.safetensors
-    gralora merge [--base PATH_OR_ID] ADAPTER[:WEIGHT] ... -o DIR
+    gralora merge [--base PATH_OR_ID_OR_FILE] ADAPTER[:WEIGHT] ... -o DIR|CHECKPOINT.safetensors
     gralora generate [--base PATH_OR_ID] --adapter FILE[:WEIGHT] ... --prompt "..." --seed 0 -o out.png
     gralora inspect ADAPTER.safetensors [--json]
 
@@ -18,12 +18,12 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 TOY_SIZE = 64
 EXIT_BAD_INPUT = 2
+BASE_HELP = "diffusers folder, hub id or one .safetensors checkpoint; toy, toy-world: offline toy bases (default: toy)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,30 +53,36 @@ def _base_dir(base: str | None) -> str:
     return resolve_base(base)
 
 
-def _read_adapters(specs: list[tuple[str, float]], base: str) -> list:
-    """Read every adapter and check it against the base's module shapes (configs only), before any weight loads."""
+def _skeleton(base: str, single_file_config: str | None = None) -> dict:
+    """The base's adaptable models on the meta device (configs only; a single file's from its config source)."""
+    from .bases import config_source
     from .export import base_skeleton
+
+    return base_skeleton(config_source(base, single_file_config))
+
+
+def _read_adapters(specs: list[tuple[str, float]], base: str, single_file_config: str | None = None) -> list:
+    """Read every adapter and check it against the base's module shapes (configs only), before any weight loads."""
     from .io import read_adapter
     from .peft_ops import check_fits
 
     if not specs:
         raise ValueError("Give at least one adapter file.")
     adapters = [read_adapter(path) for path, _ in specs]
-    models = base_skeleton(base)
+    models = _skeleton(base, single_file_config)
     for adapter in adapters:
         check_fits(models, adapter)
     return adapters
 
 
-def _load_pipeline(base: str, dtype: str | None = None):
+def _load_pipeline(base: str, dtype: str | None = None, single_file_config: str | None = None):
     import torch
-    from diffusers import DiffusionPipeline
+
+    from .bases import load_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype).to(device)
+    pipe = load_pipeline(base, single_file_config=single_file_config, torch_dtype=torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -85,7 +91,7 @@ def _load_pipeline(base: str, dtype: str | None = None):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bases import is_registered, resolve_base
+    from .bases import config_source, is_registered, resolve_base
     from .export import export_comfyui, export_lora
     from .io import read_adapter
 
@@ -93,7 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if base is None:  # a toy adapter's recorded base is readable offline through the registry
         recorded = read_adapter(args.adapter).base_model
         base = recorded if is_registered(recorded) else None
-    base = resolve_base(base) if base is not None else None
+    if base is not None:
+        base = config_source(resolve_base(base), args.single_file_config)  # a single file: names from its configs
     if args.to == "comfyui":
         if args.rank is not None or args.energy is not None or args.exact:
             raise ValueError("--to comfyui writes the GraLoRA factors as they are; drop --rank, --energy and --exact.")
@@ -125,15 +132,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import adapters as api
+    from .export import save_single_file
+    from .families import family_of_components
     from .fs import write_directory_atomically
 
     out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    single_file = out.suffix.lower() == ".safetensors"
+    if single_file and out.exists():
+        raise ValueError(f"{out} exists; choose a new file name.")
+    if not single_file and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; choose a new output folder.")
     specs = [parse_weighted(s) for s in args.adapters]
     base = _base_dir(args.base)
-    adapters = _read_adapters(specs, base)
-    pipe = _load_pipeline(base, args.dtype)
+    adapters = _read_adapters(specs, base, args.single_file_config)
+    if single_file and family_of_components(_skeleton(base, args.single_file_config)).name != "sdxl":
+        raise ValueError(
+            "A single-file checkpoint (-o NAME.safetensors) is written for SDXL bases only; give a folder."
+        )
+    pipe = _load_pipeline(base, args.dtype, args.single_file_config)
     names = [api.load_gralora_weights(pipe, adapter, adapter_name=f"a{i}") for i, adapter in enumerate(adapters)]
     api.set_gralora_adapters(pipe, names, [w for _, w in specs])
     api.fuse_gralora(pipe)
@@ -145,12 +161,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
             for (path, weight), adapter in zip(specs, adapters)
         ],
     }
+    if single_file:
+        save_single_file(pipe, out, {"gralora_merge": json.dumps(record)})
+    else:
 
-    def write(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "gralora_merge.json").write_text(json.dumps(record, indent=2))
+        def write(tmp: Path) -> None:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "gralora_merge.json").write_text(json.dumps(record, indent=2))
 
-    write_directory_atomically(out, write)
+        write_directory_atomically(out, write)
     print(f"merged {', '.join(f'{Path(p).name}:{w:g}' for p, w in specs)} into {out}")
     return 0
 
@@ -182,8 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_request(request, limits, {**SCHEDULERS, **FLOW_SCHEDULERS})  # the base's own menu is checked once loaded
     base = _base_dir(args.base)
     if specs:
-        _read_adapters(specs, base)
-    studio = Studio(_load_pipeline(base, args.dtype), files, base_name=args.base or "toy-sdxl", limits=limits)
+        _read_adapters(specs, base, args.single_file_config)
+    pipe = _load_pipeline(base, args.dtype, args.single_file_config)
+    studio = Studio(pipe, files, base_name=args.base or "toy-sdxl", limits=limits)
     result = studio.generate(request)
     if result.errors:
         raise ValueError("; ".join(f"{name}: {why}" for name, why in result.errors.items()))
@@ -273,18 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
         "its config; default: the adapter's recorded base if available offline, else SDXL's layout",
     )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="tensor dtype")
+    p.add_argument(
+        "--single_file_config", default=None,
+        help="for a --base that is one .safetensors checkpoint: a diffusers folder or hub id with the same "
+        "architecture's configs (default: stabilityai/stable-diffusion-xl-base-1.0)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "merge",
-        help="fuse adapters into the base and save a plain diffusers pipeline folder",
-        description="Fuse adapters at the given weights into the base and save the pipeline (save_pretrained, "
-        "safetensors); from_pretrained loads it with no adapter code.",
+        help="fuse adapters into the base and save a plain pipeline folder or single-file checkpoint",
+        description="Fuse adapters at the given weights into the base and save the pipeline: a diffusers folder "
+        "(save_pretrained, safetensors; from_pretrained loads it with no adapter code), or with -o NAME.safetensors "
+        "one SDXL checkpoint in the original layout.",
     )
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="GraLoRA files, weight 1 by default")
-    p.add_argument("--base", default=None, help="folder or hub id; toy, toy-world: offline toy bases (default: toy)")
-    p.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--base", default=None, help=BASE_HELP)
+    p.add_argument(
+        "-o", "--output", required=True,
+        help="output folder (must not exist or be empty), or NAME.safetensors: one checkpoint in the original SDXL "
+        "layout (AUTOMATIC1111, Forge, ComfyUI, diffusers' from_single_file)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU")
+    p.add_argument(
+        "--single_file_config", default=None,
+        help="for a --base that is one .safetensors checkpoint: a diffusers folder or hub id with the same "
+        "architecture's configs (default: stabilityai/stable-diffusion-xl-base-1.0)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -292,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one image with adapters blended, settings in the PNG text chunk",
         description="Generate one image (the scripted twin of the app); the settings go into the PNG text chunk.",
     )
-    p.add_argument("--base", default=None, help="folder or hub id; toy, toy-world: offline toy bases (default: toy)")
+    p.add_argument("--base", default=None, help=BASE_HELP)
+    p.add_argument(
+        "--single_file_config", default=None,
+        help="for a --base that is one .safetensors checkpoint: a diffusers folder or hub id with the same "
+        "architecture's configs (default: stabilityai/stable-diffusion-xl-base-1.0)",
+    )  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeat for several")
     p.add_argument("--prompt", required=True, help="may contain <gralora:NAME:WEIGHT> tags naming given adapters")
     p.add_argument("--negative_prompt", default="")

@@ -45,7 +45,7 @@ from .fs import write_file_atomically
 from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
 from .names import CLIP_PREFIX
-from .original_layout import LayoutError, NotInUNetLayout, SgmNaming
+from .original_layout import LayoutError, NotInUNetLayout, SgmNaming, original_state_dict
 from .peft_ops import check_fits
 
 LAYOUTS = ("diffusers", "kohya")  # LoRA layouts; "comfyui" (GraLoRA factors, no SVD) is export_comfyui
@@ -502,3 +502,27 @@ def export_comfyui(
         ComponentReport(c, len(adapter.module_names(c)), [adapter.configs[c].r], 0.0, 0.0) for c in adapter.components
     ]
     return ExportResult(out_path, "comfyui", reports, base_layout.source)
+
+
+def save_single_file(pipe: Any, out_path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write an SDXL pipeline (adapters fused and unloaded) as one ``.safetensors`` checkpoint in the original
+    layout (``original_layout``): what AUTOMATIC1111, Forge, ComfyUI and diffusers' ``from_single_file`` load. Every
+    tensor is checked finite first; the file is written under a temporary name, fsynced and renamed."""
+    from .families import family_of
+
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
+    if family_of(pipe).name != "sdxl":
+        raise ExportError("Single-file checkpoints are written for SDXL pipelines only; save a diffusers folder.")
+    try:
+        tensors = original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    except LayoutError as err:
+        raise ExportError(str(err)) from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ExportError(f"{name} holds NaN or infinite values; nothing was written.")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base", **(metadata or {})}
+    write_file_atomically(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return out_path

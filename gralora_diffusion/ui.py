@@ -187,17 +187,23 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
     return demo
 
 
-def load_studio(base: str | None, adapters: str | Path, device: str | None = None, dtype: str | None = None) -> Studio:
-    """Load the pipeline once (the offline toy base when ``base`` is None) and wrap it with the adapter folder."""
+def load_studio(
+    base: str | None,
+    adapters: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    single_file_config: str | None = None,
+) -> Studio:
+    """Load the pipeline once (the offline toy base when ``base`` is None; a folder, hub id or single ``.safetensors``
+    checkpoint otherwise) and wrap it with the adapter folder."""
     import torch
-    from diffusers import DiffusionPipeline
 
-    from .bases import resolve_base
+    from .bases import load_pipeline, resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
     source = resolve_base(base)
-    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype).to(device)  # the class the folder names
+    pipe = load_pipeline(source, single_file_config=single_file_config, torch_dtype=torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Studio(pipe, AdapterLibrary(adapters), base_name=base or "toy-sdxl")
 
@@ -205,7 +211,15 @@ def load_studio(base: str | None, adapters: str | Path, device: str | None = Non
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="GraLoRA studio: blend GraLoRA adapters and generate.")
     p.add_argument(
-        "--base", default=None, help="SDXL folder or hub id; toy, toy-world: offline toy bases (default: toy)"
+        "--base",
+        default=None,
+        help="SDXL folder, hub id or one .safetensors checkpoint; toy, toy-world: offline toy bases (default: toy)",
+    )
+    p.add_argument(
+        "--single_file_config",
+        default=None,
+        help="for a single-file --base: a diffusers folder or hub id with its architecture's configs "
+        "(default: stabilityai/stable-diffusion-xl-base-1.0)",
     )
     p.add_argument("--adapters", default="adapters", help="folder of GraLoRA .safetensors adapters")
     p.add_argument("--port", type=int, default=7860)
@@ -225,7 +239,7 @@ def launch(args: argparse.Namespace, block: bool = True):
         if ":" not in args.auth:
             sys.exit("error: --auth must be user:password")
         auth = tuple(args.auth.split(":", 1))
-    studio = load_studio(args.base, args.adapters, args.device, args.dtype)
+    studio = load_studio(args.base, args.adapters, args.device, args.dtype, args.single_file_config)
     outputs = Path(args.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     demo = build_ui(studio, outputs, rows=args.rows)

@@ -129,7 +129,8 @@ BAD_INPUT = {
     "energy above 1": (lambda t, a: ["export", str(a), "--energy", "1.5"], "--energy must be in (0, 1]"),
     "no method": (lambda t, a: ["export", str(a)], "Choose exactly one of --rank N, --energy F or --exact"),
     "comfyui with a method": (
-        lambda t, a: ["export", str(a), "--to", "comfyui", "--exact"], "writes the GraLoRA factors as they are"
+        lambda t, a: ["export", str(a), "--to", "comfyui", "--exact"],
+        "writes the GraLoRA factors as they are",
     ),
     "comfyui to another base": (
         lambda t, a: ["export", str(_sd15_adapter(t)), "--to", "comfyui", "--base", str(toy_sdxl_base_dir())],

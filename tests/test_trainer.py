@@ -235,6 +235,8 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
         (["--resolution=0"], "--resolution must be a positive multiple of 8"),
         (["--checkpointing_steps=0"], "--checkpointing_steps must be at least 1"),
         (["--caption_dropout_rate=2"], "--caption_dropout_rate must be a number from 0 to 1"),
+        (["--pretrained_model_name_or_path=/nonexistent/model.safetensors"], "does not exist"),
+        (["--pretrained_model_name_or_path=model.ckpt"], "is a pickle checkpoint"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_loading(toy_base, instance_dir, tmp_path, capsys, extra, match):

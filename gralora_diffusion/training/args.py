@@ -10,6 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..bases import check_single_file, is_single_file
 from ..config import GraloraConfigError, make_gralora_config
 from .checkpoint import resolve_resume
 from .data import TrainingDataError
@@ -24,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="SDXL folder or hub id; toy, toy-world: offline toy bases",
+        help="SDXL folder, hub id or one .safetensors checkpoint (the original layout community models ship in); "
+        "toy, toy-world: offline toy bases",
+    )
+    g.add_argument(
+        "--single_file_config",
+        default=None,
+        help="for a single-file checkpoint: a diffusers folder or hub id with the same architecture's configs "
+        "(default: stabilityai/stable-diffusion-xl-base-1.0, as diffusers does)",
     )
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a better VAE (e.g. the fp16-fix VAE)")
     g.add_argument("--revision", default=None)
@@ -141,6 +149,11 @@ def check_args(args) -> None:
     if args.with_prior_preservation and (not args.class_prompt or not args.class_data_dir):
         raise TrainingDataError("--with_prior_preservation needs --class_prompt and --class_data_dir.")
     check_numbers(args)
+    if is_single_file(args.pretrained_model_name_or_path):
+        try:
+            check_single_file(args.pretrained_model_name_or_path)
+        except ValueError as err:
+            raise TrainingDataError(str(err)) from None
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise TrainingDataError(f"--output_dir {args.output_dir} is a file, not a folder; choose a folder.")
     if args.resolution % 8:

@@ -65,19 +65,30 @@ def load_models(args, weight_dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from ..bases import is_single_file, load_pipeline
+
     base = args.pretrained_model_name_or_path
     kw = {"revision": args.revision}
-    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
-    text_encoders = [
-        CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **kw),
-        CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", variant=args.variant, **kw),
-    ]
+    better_vae = None
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+        better_vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    if is_single_file(base):  # one checkpoint in the original layout: diffusers' from_single_file, then the parts
+        pipe = load_pipeline(
+            base, single_file_config=args.single_file_config, **({"vae": better_vae} if better_vae else {})
+        )
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        vae, unet = pipe.vae, pipe.unet
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
+        tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")]
+        text_encoders = [
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **kw),
+            CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", variant=args.variant, **kw),
+        ]
+        vae = better_vae or AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
     for model in [unet, vae, *text_encoders]:
         model.requires_grad_(False)
     # SDXL's VAE overflows in fp16 (black images): keep it in fp32 unless a fixed VAE was given.
@@ -129,11 +140,14 @@ def add_adapters(args, unet, text_encoders) -> dict:
 
 
 def build_pipeline(args, unet, text_encoders, tokenizers, vae, dtype):
-    """A generation pipeline sharing the training modules (for class images and validation)."""
+    """A generation pipeline sharing the training modules (for class images and validation); only the scheduler is
+    read, from the base folder (or a single file's config source)."""
     from diffusers import StableDiffusionXLPipeline
 
+    from ..bases import config_source
+
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
+        config_source(args.pretrained_model_name_or_path, args.single_file_config),
         unet=unet,
         text_encoder=text_encoders[0],
         text_encoder_2=text_encoders[1],

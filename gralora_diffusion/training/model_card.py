@@ -25,6 +25,7 @@ def model_card(
 ) -> str:
     """Markdown with YAML front matter (tags for the Hub), settings, gallery and how to load the adapter."""
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in validation_images) or "(no validation images)"
+    loader = "from_single_file" if str(base_model).lower().endswith(".safetensors") else "from_pretrained"
     return f"""---
 base_model: {base_model}
 tags:
@@ -64,7 +65,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from gralora_diffusion import load_gralora_weights, set_gralora_adapters
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionXLPipeline.{loader}("{base_model}", torch_dtype=torch.float16).to("cuda")
 load_gralora_weights(pipe, "{adapter_file}", adapter_name="subject")
 set_gralora_adapters(pipe, ["subject"], [1.0])
 image = pipe("{instance_prompt}").images[0]
