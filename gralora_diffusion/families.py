@@ -53,6 +53,7 @@ class ModelFamily:
     presets: Mapping[str, Mapping[str, str]]  # component -> {"attention": preset, "wide": preset}
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya prefix; empty: no kohya
     flow_matching: bool = False  # sampled with flow-matching schedulers (SD3), not the epsilon/v ones
+    default_guidance: float = 5.0  # the guidance scale the family's diffusers pipeline defaults to
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -76,6 +77,7 @@ SD1 = ModelFamily(
     text_encoders=("text_encoder",),
     presets={"unet": {"attention": "unet-attention", "wide": "unet-wide"}, "text_encoder": _CLIP},
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
+    default_guidance=7.5,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -109,6 +111,7 @@ SD3 = ModelFamily(
         "text_encoder_3": {"attention": "t5-attention", "wide": "t5-wide"},
     },
     flow_matching=True,
+    default_guidance=7.0,
 )
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SDXL, SD3)
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -112,6 +113,25 @@ class AdapterLibrary:
         with self._lock:
             self._cache[path.stem] = (key, adapter)
         return adapter
+
+    def preview(self, name: str) -> Path | None:
+        """A picture of what adapter ``name`` does, inside the library's folder: ``NAME.preview.png`` (or
+        ``NAME.png`` / ``.jpg`` / ``.webp``, the convention of A1111 and model sites) beside the file, else, when
+        the folder is the adapter's training output, the first image of its latest validation step."""
+        path = self.path(name)
+        for suffix in (".preview.png", ".png", ".jpg", ".jpeg", ".webp"):
+            candidate = path.with_name(path.stem + suffix)
+            if candidate.is_file() and candidate.resolve().parent == self.folder:
+                return candidate
+        steps = []
+        for folder in (self.folder / "validation").glob("step-*"):
+            if folder.is_dir() and folder.name[5:].isdigit() and folder.resolve().parent == self.folder / "validation":
+                steps.append((int(folder.name[5:]), folder))
+        for _, folder in sorted(steps, reverse=True):
+            images = sorted(p for p in folder.glob("*.png") if p.is_file() and not p.is_symlink())
+            if images:
+                return images[0]
+        return None
 
     def info(self, name: str) -> AdapterInfo:
         adapter = self.load(name)
@@ -224,16 +244,45 @@ def merge_adapter_choices(rows: list[AdapterChoice], tags: list[tuple[str, float
     return list(merged.values())
 
 
+SEED_RANGE = 2**64  # seeds are unsigned 64-bit, as torch.Generator takes them
+
+
 @dataclass
 class Limits:
+    """What every endpoint accepts (the Generate button and its API, the X/Y grid, prompt tags, ``gralora generate``):
+    the UI's sliders show the same ranges, so the API cannot go beyond them."""
+
     min_size: int = 64
     max_size: int = 2048
     max_steps: int = 150
     max_images: int = 8
+    max_guidance: float = 20.0
+    max_weight: float = 2.0  # |adapter weight|, rows and <gralora:NAME:WEIGHT> tags alike
+    max_grid_cells: int = 36  # X values x Y values of one grid
+
+
+def check_weight(label: str, value: Any, limits: Limits) -> float:
+    """A finite adapter weight within +-``limits.max_weight``, or one sentence."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not -limits.max_weight <= value <= limits.max_weight
+    ):
+        raise StudioError(
+            f"{label} {value} is not allowed: use a number from {-limits.max_weight:g} to {limits.max_weight:g}."
+        )
+    return float(value)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed in [0, 2^64), or one sentence."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+        raise StudioError(f"Seed {seed} is not allowed: use a whole number from 0 to {SEED_RANGE - 1}.")
+    return seed
 
 
 def check_request(request: GenerationRequest, limits: Limits, schedulers: Mapping[str, Any] = SCHEDULERS) -> None:
-    """Out-of-range settings get one clear sentence each, before anything runs."""
+    """Out-of-range settings get one clear sentence each, before anything runs (prompt tags included)."""
     for label, value in (("Width", request.width), ("Height", request.height)):
         if not limits.min_size <= value <= limits.max_size or value % 8:
             raise StudioError(
@@ -245,8 +294,28 @@ def check_request(request: GenerationRequest, limits: Limits, schedulers: Mappin
         raise StudioError(f"Number of images {request.num_images} is not allowed: use 1 to {limits.max_images}.")
     if request.scheduler not in schedulers:
         raise StudioError(f"Unknown scheduler {request.scheduler!r}; use one of {', '.join(schedulers)}.")
-    if not 0 <= request.guidance_scale <= 50:
-        raise StudioError(f"Guidance scale {request.guidance_scale} is not allowed: use 0 to 50.")
+    if not 0 <= request.guidance_scale <= limits.max_guidance:
+        raise StudioError(f"Guidance scale {request.guidance_scale} is not allowed: use 0 to {limits.max_guidance:g}.")
+    if not request.random_seed:
+        check_seed(request.seed)
+    for choice in request.adapters:
+        for label, value in (("weight", choice.weight), ("UNet weight", choice.unet_weight),
+                             ("text-encoder weight", choice.text_encoder_weight)):  # fmt: skip
+            if value is not None:
+                check_weight(f"The {label} of {choice.name}", value, limits)
+    for name, weight in parse_prompt_adapters(request.prompt)[1]:
+        check_weight(f"The prompt tag weight of {name}", weight, limits)
+
+
+def generation_defaults(pipe, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a new request starts from, from the base itself: width and height are the denoiser's sample size
+    times the VAE's scale (1024 on SDXL, 64 on the toy bases), guidance the family's default; ``overrides`` (a base's
+    own, see ``bases.base_defaults``) win."""
+    family = family_of(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    size = int(denoiser.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    defaults = {"width": size, "height": size, "guidance_scale": family.default_guidance, "steps": 25}
+    return {**defaults, **(overrides or {})}
 
 
 # --- the studio --------------------------------------------------------------------------------------------------
@@ -255,11 +324,19 @@ def check_request(request: GenerationRequest, limits: Limits, schedulers: Mappin
 class Studio:
     """One pipeline, loaded once, with the adapters of a library applied on demand."""
 
-    def __init__(self, pipe, library: AdapterLibrary, base_name: str = "", limits: Limits | None = None):
+    def __init__(
+        self,
+        pipe,
+        library: AdapterLibrary,
+        base_name: str = "",
+        limits: Limits | None = None,
+        defaults: Mapping[str, Any] | None = None,
+    ):
         self.pipe = pipe
         self.library = library
         self.base_name = base_name
         self.limits = limits or Limits()
+        self.defaults = generation_defaults(pipe, defaults)
         self._loaded: dict[str, int] = {}  # adapter name -> id of the AdapterFile loaded into the pipeline
         self._applied: dict[str, dict[str, float]] = {}
         self.schedulers = schedulers_for(family_of(pipe))  # the sampler menu of the pipeline's family
@@ -354,7 +431,7 @@ class Studio:
 
             images = []
             for i in range(request.num_images):
-                generator = torch.Generator().manual_seed(seed + i)
+                generator = torch.Generator().manual_seed((seed + i) % SEED_RANGE)
                 out = self.pipe(
                     prompt,
                     negative_prompt=request.negative_prompt or None,
@@ -364,10 +441,17 @@ class Studio:
                     height=request.height,
                     generator=generator,
                     callback_on_step_end=on_step,
+                    output_type="np",
                 )
                 if self._cancel.is_set():
                     return GenerationResult([], seed, prompt, applied, errors, "", switch_ms, cancelled=True)
-                images.append(out.images[0])
+                pixels = out.images[0]
+                if not np.isfinite(pixels).all():  # shown, it would be a black square
+                    raise StudioError(
+                        f"Image {i + 1} came out as NaN or infinite values (typically SDXL's VAE overflowing in "
+                        "float16): nothing was saved; run in float32 or use the fp16-fix VAE."
+                    )
+                images.append(Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8)))
         parameters = self.parameters_text(request, prompt, seed, applied)
         return GenerationResult(images, seed, prompt, applied, errors, parameters, switch_ms)
 
@@ -416,6 +500,17 @@ class Studio:
         if not x_weights:
             raise StudioError("Give at least one X weight.")
         y_values = y_weights if (y_adapter and y_weights) else [None]
+        cells_wanted = len(x_weights) * len(y_values)
+        if cells_wanted > self.limits.max_grid_cells:
+            raise StudioError(
+                f"A grid of {cells_wanted} cells is too large: use at most {self.limits.max_grid_cells} (X values "
+                "times Y values)."
+            )
+        check_request(request, self.limits, self.schedulers)
+        for value in x_weights:
+            check_weight(f"The X weight of {x_adapter}", value, self.limits)
+        for value in y_values if y_values != [None] else []:
+            check_weight(f"The Y weight of {y_adapter}", value, self.limits)
         base_rows = [c for c in request.adapters if c.enabled and _adapter_name(c.name) not in (x_adapter, y_adapter)]
         cells: list[list[Image.Image]] = []
         for yw in y_values:

@@ -19,8 +19,10 @@ from .studio import AdapterChoice, AdapterLibrary, GenerationRequest, Studio, St
 
 ROW_FIELDS = 6  # enabled, name, weight, separate, unet weight, text-encoder weight
 HELP = """Pick adapters in the rows (or write `<gralora:NAME:WEIGHT>` in the prompt: the tag is removed from the text
-and merged with the rows; a tag for an adapter that also has a row sets its weight). Weights go from -2 to 2;
-negative weights push away from what the adapter learned. Width and height: multiples of 8 from {min} to {max}."""
+and merged with the rows; a tag for an adapter that also has a row sets its weight). Weights go from -{w:g} to {w:g}
+(tags too); negative weights push away from what the adapter learned. Width and height: multiples of 8 from {min} to
+{max}; an X/Y grid has at most {cells} cells. The preview beside an adapter is `NAME.preview.png` (or `NAME.png`)
+next to its file, or the latest validation image of its training folder."""
 
 
 def rows_to_choices(values: list) -> list[AdapterChoice]:
@@ -95,8 +97,24 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
         except (StudioError, ValueError) as err:
             return f"cannot use this adapter: {err}"
 
+    def preview_of(name):
+        if not name:
+            return None
+        try:
+            path = library.preview(name)
+        except (StudioError, ValueError):
+            return None
+        return str(path) if path else None
+
+    w_max = studio.limits.max_weight
+    defaults = studio.defaults
     with gr.Blocks(title="GraLoRA studio") as demo:
-        gr.Markdown("# GraLoRA studio\n" + HELP.format(min=studio.limits.min_size, max=studio.limits.max_size))
+        gr.Markdown(
+            "# GraLoRA studio\n"
+            + HELP.format(
+                min=studio.limits.min_size, max=studio.limits.max_size, w=w_max, cells=studio.limits.max_grid_cells
+            )
+        )
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -106,29 +124,46 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
                     for i in range(rows):
                         with gr.Group():
                             with gr.Row():
-                                enabled = gr.Checkbox(label=f"Adapter {i + 1}", value=False, elem_id=f"row{i}-enable")
                                 default = names[i] if i < len(names) else None
-                                name = gr.Dropdown(names, value=default, label="Adapter", elem_id=f"row{i}-name")
-                                weight = gr.Slider(
-                                    -2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"row{i}-weight"
-                                )
-                            info = gr.Markdown(describe(default), elem_id=f"row{i}-info")
+                                preview = gr.Image(
+                                    preview_of(default), label="Preview", type="filepath", height=96, width=96,
+                                    interactive=False, show_label=False, container=False, scale=0, min_width=96,
+                                    elem_id=f"row{i}-preview",
+                                )  # fmt: skip
+                                with gr.Column(scale=4):
+                                    with gr.Row():
+                                        enabled = gr.Checkbox(
+                                            label=f"Adapter {i + 1}", value=False, elem_id=f"row{i}-enable"
+                                        )
+                                        name = gr.Dropdown(
+                                            names, value=default, label="Adapter", elem_id=f"row{i}-name"
+                                        )
+                                        weight = gr.Slider(
+                                            -w_max, w_max, value=1.0, step=0.05, label="Weight",
+                                            elem_id=f"row{i}-weight",
+                                        )  # fmt: skip
+                                    info = gr.Markdown(describe(default), elem_id=f"row{i}-info")
                             with gr.Accordion("Separate UNet / text-encoder weights", open=False):
                                 separate = gr.Checkbox(label="Use separate weights", value=False)
-                                unet_w = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight")
-                                te_w = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text-encoder weight")
+                                unet_w = gr.Slider(-w_max, w_max, value=1.0, step=0.05, label="UNet weight")
+                                te_w = gr.Slider(-w_max, w_max, value=1.0, step=0.05, label="Text-encoder weight")
                         name.change(describe, name, info)
+                        name.change(preview_of, name, preview)
                         row_inputs += [enabled, name, weight, separate, unet_w, te_w]
                         dropdowns.append(name)
                         infos.append(info)
                     refresh = gr.Button("Refresh adapter list", size="sm")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        steps = gr.Slider(1, studio.limits.max_steps, value=25, step=1, label="Steps")
-                        guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance scale")
+                        steps = gr.Slider(1, studio.limits.max_steps, value=defaults["steps"], step=1, label="Steps")
+                        guidance = gr.Slider(
+                            0, studio.limits.max_guidance, value=defaults["guidance_scale"], step=0.5,
+                            label="Guidance scale",
+                            elem_id="guidance",
+                        )  # fmt: skip
                     with gr.Row():
-                        width = gr.Number(value=1024, precision=0, label="Width", elem_id="width")
-                        height = gr.Number(value=1024, precision=0, label="Height", elem_id="height")
+                        width = gr.Number(value=defaults["width"], precision=0, label="Width", elem_id="width")
+                        height = gr.Number(value=defaults["height"], precision=0, label="Height", elem_id="height")
                     scheduler = gr.Dropdown(list(studio.schedulers), value="Euler", label="Scheduler")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
@@ -198,14 +233,14 @@ def load_studio(
     checkpoint otherwise) and wrap it with the adapter folder."""
     import torch
 
-    from .bases import load_pipeline, resolve_base
+    from .bases import base_defaults, load_pipeline, resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device == "cuda" else torch.float32)
     source = resolve_base(base)
     pipe = load_pipeline(source, single_file_config=single_file_config, torch_dtype=torch_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    return Studio(pipe, AdapterLibrary(adapters), base_name=base or "toy-sdxl")
+    return Studio(pipe, AdapterLibrary(adapters), base_name=base or "toy-sdxl", defaults=base_defaults(base))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

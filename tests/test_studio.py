@@ -181,19 +181,115 @@ def test_bad_files_are_reported_per_row_and_the_pipeline_is_unchanged(studio, li
     assert gd.get_gralora_adapters(studio.pipe)["unet"] == ["style"]
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"width": 70}, "Width 70 is not allowed: use a multiple of 8"),
-        ({"height": 4096}, "Height 4096 is not allowed"),
-        ({"steps": 0}, "Steps 0 is not allowed"),
-        ({"num_images": 99}, "Number of images 99"),
-        ({"scheduler": "Magic"}, "Unknown scheduler 'Magic'"),
-    ],
-)
-def test_out_of_range_settings_are_refused(studio, kwargs, match):
-    with pytest.raises(StudioError, match=match):
-        studio.generate(request(**kwargs))
+def _grid(x=(0.0, 1.0), y=None, y_adapter=None, **kwargs):
+    return ("grid", dict(request=request(**kwargs), x_adapter="dog", x_weights=list(x), y_adapter=y_adapter,
+                         y_weights=list(y) if y is not None else None))  # fmt: skip
+
+
+# The studio's bad-request corpus: every endpoint (Generate and its API, the X/Y grid, prompt tags) gets the same
+# limits (Limits), one sentence, and nothing runs.
+BAD_REQUESTS = {
+    "width not a multiple of 8": (("generate", request(width=70)), "Width 70 is not allowed: use a multiple of 8"),
+    "height above the maximum": (("generate", request(height=4096)), "Height 4096 is not allowed"),
+    "zero steps": (("generate", request(steps=0)), "Steps 0 is not allowed"),
+    "a thousand steps": (("generate", request(steps=1000)), "Steps 1000 is not allowed"),
+    "99 images": (("generate", request(num_images=99)), "Number of images 99"),
+    "unknown scheduler": (("generate", request(scheduler="Magic")), "Unknown scheduler 'Magic'"),
+    "guidance 1e30": (("generate", request(guidance_scale=1e30)), "Guidance scale 1e+30 is not allowed"),
+    "guidance nan": (("generate", request(guidance_scale=float("nan"))), "Guidance scale nan is not allowed"),
+    "row weight 1e30": (
+        ("generate", request(adapters=[AdapterChoice("dog", 1e30)])),
+        "The weight of dog 1e+30 is not allowed",
+    ),
+    "row weight nan": (
+        ("generate", request(adapters=[AdapterChoice("dog", float("nan"))])),
+        "The weight of dog nan is not allowed",
+    ),
+    "UNet weight 5": (
+        ("generate", request(adapters=[AdapterChoice("dog", 1.0, unet_weight=5.0)])),
+        "The UNet weight of dog 5.0",
+    ),
+    "prompt tag weight 99999": (
+        ("generate", request(prompt="a dog <gralora:dog:99999>")),
+        "The prompt tag weight of dog 99999.0 is not",
+    ),
+    "seed 2^64": (("generate", request(seed=2**64)), "Seed 18446744073709551616 is not allowed"),
+    "negative seed": (("generate", request(seed=-1)), "Seed -1 is not allowed: use a whole number from 0"),
+    "a 6 x 7 grid": (
+        _grid(x=[0.1 * i for i in range(6)], y=[0.1 * i for i in range(7)], y_adapter="style"),
+        "A grid of 42 cells is too large: use at most 36",
+    ),  # fmt: skip
+    "grid x weight 1e30": (_grid(x=(0.0, 1e30)), "The X weight of dog 1e+30 is not allowed"),
+    "grid y weight nan": (_grid(y=(float("nan"),), y_adapter="style"), "The Y weight of style nan is not allowed"),
+    "grid with 1000 steps": (_grid(steps=1000), "Steps 1000 is not allowed"),
+    "grid of 4096 px": (_grid(width=4096), "Width 4096 is not allowed"),
+    "grid tag weight 99999": (_grid(prompt="<gralora:style:99999> a dog"), "The prompt tag weight of style"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_are_one_sentence_and_nothing_runs(studio, case, monkeypatch):
+    (endpoint, payload), match = BAD_REQUESTS[case]
+    before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
+
+    def no_denoising(*_, **__):
+        raise AssertionError("the pipeline ran before the request was checked")
+
+    monkeypatch.setattr(studio.pipe.unet, "forward", no_denoising)
+    with pytest.raises(StudioError) as raised:
+        if endpoint == "generate":
+            studio.generate(payload)
+        else:
+            studio.xy_grid(**payload)
+    message = str(raised.value)
+    assert match in message and "\n" not in message and message.endswith("."), message
+    assert studio.switches == 0 and gd.get_gralora_adapters(studio.pipe) == {}
+    after = studio.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_largest_seeds_work_and_wrap_per_image(studio):
+    top = studio.generate(request(seed=2**64 - 1, num_images=2))
+    assert top.seed == 2**64 - 1 and len(top.images) == 2
+    wrapped = studio.generate(request(seed=0))  # image 2 of the first run used seed (2^64 - 1 + 1) mod 2^64 = 0
+    assert np.array_equal(pixels(top.images[1]), pixels(wrapped.images[0]))
+    assert not np.array_equal(pixels(top.images[0]), pixels(top.images[1]))
+
+
+def test_a_non_finite_image_is_reported_not_shown(studio):
+    with torch.no_grad():
+        studio.pipe.vae.post_quant_conv.bias.fill_(float("nan"))  # a VAE that overflows, as SDXL's does in fp16
+    with pytest.raises(StudioError, match="Image 1 came out as NaN or infinite values"):
+        studio.generate(request())
+
+
+def test_defaults_come_from_the_base(library):
+    from gralora_diffusion.bases import base_defaults
+    from gralora_diffusion.studio import generation_defaults
+    from gralora_diffusion.toy import build_toy_sd15_pipeline
+
+    toy = build_toy_sdxl_pipeline(0)
+    assert toy.unet.config.sample_size * toy.vae_scale_factor == 64
+    assert generation_defaults(toy) == {"width": 64, "height": 64, "guidance_scale": 5.0, "steps": 25}
+    assert generation_defaults(build_toy_sd15_pipeline(0))["guidance_scale"] == 7.5
+    world = Studio(toy, library, defaults=base_defaults("toy-world")).defaults
+    assert (world["guidance_scale"], world["steps"], world["width"]) == (3.0, 20, 64)
+    assert base_defaults("stabilityai/stable-diffusion-xl-base-1.0") == {}
+
+
+def test_previews_come_from_beside_the_file_or_the_training_folder(library, tmp_path):
+    folder = library.folder
+    assert library.preview("dog") is None
+    for step in (5, 10):
+        (folder / "validation" / f"step-{step}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / "validation" / f"step-{step}" / "prompt0-0.png")
+    assert library.preview("dog") == folder / "validation" / "step-10" / "prompt0-0.png"
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    os.symlink(outside, folder / "style.png")  # a link out of the folder is not shown
+    assert library.preview("style") == folder / "validation" / "step-10" / "prompt0-0.png"
+    Image.new("RGB", (8, 8)).save(folder / "dog.preview.png")
+    assert library.preview("dog") == folder / "dog.preview.png"
 
 
 def test_schedulers_and_random_seed(studio, library):
