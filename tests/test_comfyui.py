@@ -138,6 +138,7 @@ def test_comfyui_applies_export_like_diffusers(layout, comfy_base, tmp_path, cap
     method = ["--exact"] if layout == "kohya" else []
     assert cli.main(["export", str(adapter), "--to", layout, *method, "--base", str(base), "-o", str(out)]) == 0
     if layout == "comfyui":
+        import_comfyui()  # first, so that the node finds ComfyUI to register with
         load_node()
         assert out.stat().st_size < 1.05 * adapter.stat().st_size  # the factors, not a rank k*r LoRA
     caplog.set_level(logging.WARNING)
