@@ -237,6 +237,7 @@ def test_two_process_ddp_saves_once_and_loads(toy_base, instance_dir, tmp_path):
         (["--caption_dropout_rate=2"], "--caption_dropout_rate must be a number from 0 to 1"),
         (["--pretrained_model_name_or_path=/nonexistent/model.safetensors"], "does not exist"),
         (["--pretrained_model_name_or_path=model.ckpt"], "is a pickle checkpoint"),
+        (["--no_upscale", "--resolution=128"], "4 images are smaller than their training size"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_loading(toy_base, instance_dir, tmp_path, capsys, extra, match):
@@ -322,6 +323,7 @@ def test_resuming_with_other_settings_is_one_sentence_before_loading(toy_base, i
         (["--rank=16"], "checkpoint-2 was trained with rank 8 but this run asks for 16"),
         (["--rank=8", "--alpha=4"], "checkpoint-2 was trained with alpha 16 but this run asks for 4"),
         (["--rank=8", "--train_text_encoder"], "checkpoint-2 was trained without --train_text_encoder"),
+        (["--rank=8", "--unet_target=wide"], "checkpoint-2 was trained with --unet_target attention but this run"),
     ):
         capsys.readouterr()
         assert train_main([*base, *extra]) == 2

@@ -180,6 +180,7 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
     """The checkpoint was trained with this run's adapter settings and base; else one sentence naming the
     difference (instead of PEFT's shape-mismatch traceback after the models have loaded)."""
     from ..config import default_gralora_k
+    from ..families import UNET_ATTENTION, UNET_WIDE
     from ..io import read_adapter
     from .checkpoint import ADAPTER_NAME
 
@@ -198,6 +199,13 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
                 f"{checkpoint.name} was trained with {name} {found[name]:g} but this run asks for {value:g}; resume "
                 "with the same settings or start a new --output_dir."
             )
+    extra = tuple(f".{m}" for m in UNET_WIDE if m not in UNET_ATTENTION)  # what only the wide preset adapts
+    wide = any(name.endswith(extra) for name in adapter.module_names("unet"))
+    if wide != (args.unet_target == "wide"):
+        raise TrainingDataError(
+            f"{checkpoint.name} was trained with --unet_target {'wide' if wide else 'attention'} but this run asks "
+            f"for {args.unet_target}; resume with the same setting or start a new --output_dir."
+        )
     if ("text_encoder" in adapter.components) != bool(args.train_text_encoder):
         trained = "with" if "text_encoder" in adapter.components else "without"
         raise TrainingDataError(

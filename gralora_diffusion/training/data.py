@@ -246,6 +246,29 @@ def prepare_image(
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
+def training_buckets(
+    resolution: int, enable_bucket: bool, steps: int = 64, min_reso: int | None = None, max_reso: int | None = None
+) -> list[tuple[int, int]]:
+    """The (width, height) sizes images train at: aspect-ratio buckets, or the one square size."""
+    return make_buckets(resolution, steps, min_reso, max_reso) if enable_bucket else [(resolution, resolution)]
+
+
+def smaller_than_their_bucket(records: list[ImageRecord], buckets, no_upscale: bool = False) -> list[str]:
+    """The names of the images smaller than the size they would train at; with ``no_upscale`` any such image is a
+    ``TrainingDataError`` (raised before a model loads, from ``read_instances``)."""
+    small = []
+    for i, record in enumerate(records):
+        width, height = bucket_for_size(record.size, buckets)
+        if record.size[0] < width or record.size[1] < height:
+            small.append(record.path.name if record.path else f"row {i}")
+    if small and no_upscale:
+        raise TrainingDataError(
+            f"{len(small)} images are smaller than their training size ({', '.join(small[:5])}); "
+            "lower --resolution or drop --no_upscale to let them be upscaled."
+        )
+    return small
+
+
 class DreamBoothDataset:
     """Instance (and optional class) images, repeated, bucketed and augmented per epoch.
 
@@ -281,21 +304,9 @@ class DreamBoothDataset:
         self.center_crop, self.random_flip = center_crop, random_flip
         self.caption_dropout_rate = caption_dropout_rate
         self.interpolation = interpolation
-        if enable_bucket:
-            self.buckets = make_buckets(resolution, bucket_reso_steps, min_bucket_reso, max_bucket_reso)
-        else:
-            self.buckets = [(resolution, resolution)]
+        self.buckets = training_buckets(resolution, enable_bucket, bucket_reso_steps, min_bucket_reso, max_bucket_reso)
         self.instance_buckets = [bucket_for_size(r.size, self.buckets) for r in instances]
-        small = [
-            r.path.name if r.path else f"row {i}"
-            for i, (r, b) in enumerate(zip(instances, self.instance_buckets))
-            if r.size[0] < b[0] or r.size[1] < b[1]
-        ]
-        if small and no_upscale:
-            raise TrainingDataError(
-                f"{len(small)} images are smaller than their training size ({', '.join(small[:5])}); "
-                "lower --resolution or drop --no_upscale to let them be upscaled."
-            )
+        small = smaller_than_their_bucket(instances, self.buckets, no_upscale)
         if small:
             warnings.warn(
                 f"{len(small)} images are smaller than their training size and will be upscaled: "

@@ -38,6 +38,8 @@ from .data import (
     read_hf_dataset,
     read_image_folder,
     shard_batches,
+    smaller_than_their_bucket,
+    training_buckets,
 )
 from .generation import ensure_class_images, generate_validation_images
 from .latents import LatentEncoder
@@ -231,11 +233,18 @@ def read_instances(args) -> list:
     """Check every flag, then read the instance images (folder or dataset): all before any model is loaded."""
     check_args(args)
     if args.instance_data_dir:
-        return read_image_folder(args.instance_data_dir, args.instance_prompt)
-    return read_hf_dataset(
-        args.dataset_name, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
-        args.cache_dir,
-    )  # fmt: skip
+        records = read_image_folder(args.instance_data_dir, args.instance_prompt)
+    else:
+        records = read_hf_dataset(
+            args.dataset_name, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
+            args.cache_dir,
+        )  # fmt: skip
+    if args.no_upscale:
+        buckets = training_buckets(
+            args.resolution, args.enable_bucket, args.bucket_reso_steps, args.min_bucket_reso, args.max_bucket_reso
+        )
+        smaller_than_their_bucket(records, buckets, no_upscale=True)
+    return records
 
 
 @dataclass
