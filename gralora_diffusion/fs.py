@@ -8,12 +8,18 @@ user's tools write, whatever ``tempfile`` chose.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_directory_atomically", "write_file_atomically", "write_text_atomically"]
+__all__ = [
+    "remove_stale_temporaries",
+    "write_directory_atomically",
+    "write_file_atomically",
+    "write_text_atomically",
+]
 
 
 def _umask() -> int:
@@ -98,3 +104,25 @@ def write_directory_atomically(
         shutil.rmtree(old, ignore_errors=True)
     _fsync_path(directory.parent)
     return directory
+
+
+# What the writers above name their temporaries: "." + target name + "." + tempfile's 8 random characters + suffix.
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what a writer killed with SIGKILL (no clean-up runs then) left directly in ``folder``: files and
+    folders named like this module's temporaries. Call it where no write is in progress; returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if not _TEMPORARY.fullmatch(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

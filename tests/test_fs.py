@@ -67,3 +67,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    from gralora_diffusion.fs import remove_stale_temporaries
+
+    (tmp_path / ".final.safetensors.k2j4_x9a.tmp").write_bytes(b"")  # a file write killed midway
+    (tmp_path / ".checkpoint-4.ab12cd34.tmp").mkdir()  # a folder write killed midway
+    (tmp_path / ".checkpoint-4.ab12cd34.tmp" / "adapter.safetensors").write_bytes(b"x")
+    (tmp_path / ".checkpoint-8.zz99zz99.old").mkdir()  # a replace killed between its renames
+    keep = [".hidden", ".notes.tmp", "final.safetensors", ".a.b.tmp", "checkpoint-4"]
+    for name in keep:
+        (tmp_path / name).write_text("keep")
+    removed = sorted(p.name for p in remove_stale_temporaries(tmp_path))
+    assert removed == [".checkpoint-4.ab12cd34.tmp", ".checkpoint-8.zz99zz99.old", ".final.safetensors.k2j4_x9a.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

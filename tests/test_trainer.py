@@ -186,7 +186,10 @@ def test_sigkill_and_resume_gives_the_uninterrupted_weights(toy_base, instance_d
         assert (folder / "state.json").exists() and (folder / "adapter.safetensors").exists()
         gd.read_adapter(folder / "adapter.safetensors")
 
+    stale = out / ".final.safetensors.k2j4_x9a.tmp"  # what a kill inside the final adapter write leaves
+    stale.write_bytes(b"")
     train(toy_base, instance_dir, out, *common, "--output_name=final", "--resume_from_checkpoint=latest")
+    assert not stale.exists() and not list(out.glob(".*.tmp"))
     resumed = load_file(str(out / "final.safetensors"))
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():

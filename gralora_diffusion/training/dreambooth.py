@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import make_gralora_config
-from ..fs import write_text_atomically
+from ..fs import remove_stale_temporaries, write_text_atomically
 from ..io import save_gralora_weights
 from ..layers import gralora_layers, use_memory_lean_training
 from ..peft_ops import add_gralora_adapter
@@ -317,6 +317,8 @@ class DreamBoothTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.out):  # left by a run killed inside a write
+                logger.info(f"removed {stale.name}, left by an interrupted write")
 
         self.tokenizers, self.text_encoders, self.vae, unet, self.noise_scheduler = load_models(args, self.weight_dtype)
         for model in [unet, self.vae, *self.text_encoders]:
