@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-SNAPSHOT = Path(os.environ.get("GRALORA_COMFYUI", Path(__file__).resolve().parents[2] / "shared/third_party/ComfyUI"))
+def _snapshot() -> Path:
+    """$GRALORA_COMFYUI, else ``shared/third_party/ComfyUI`` beside the repository (this project's layout)."""
+    if os.environ.get("GRALORA_COMFYUI"):
+        return Path(os.environ["GRALORA_COMFYUI"])
+    return Path(__file__).resolve().parents[2] / "shared" / "third_party" / "ComfyUI"
+
+
+SNAPSHOT = _snapshot()
 NEEDED = ("einops", "torchsde", "scipy", "sentencepiece", "psutil", "yaml", "aiohttp", "alembic", "sqlalchemy")
 
 
