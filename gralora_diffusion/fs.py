@@ -106,23 +106,33 @@ def write_directory_atomically(
     return directory
 
 
-# What the writers above name their temporaries: "." + target name + "." + tempfile's 8 random characters + suffix.
-_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.(tmp|old)")
+# What the writers above name their temporaries: "." + target name + "." + 8 characters of tempfile's alphabet + suffix.
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete what a writer killed with SIGKILL (no clean-up runs then) left directly in ``folder``: files and
-    folders named like this module's temporaries. Call it where no write is in progress; returns what was removed."""
+def remove_stale_temporaries(folder: str | os.PathLike, targets: str) -> list[Path]:
+    """Clean up after a writer of this module killed with SIGKILL (no clean-up runs then), directly in ``folder``,
+    for the targets whose names fully match the regular expression ``targets`` (only what the caller writes there;
+    anything else is never touched). A ``.old`` copy whose target is missing (a folder replace killed between its two
+    renames) is renamed back; every other temporary of those targets is deleted. Call it where no write to those
+    targets is in progress; returns what was deleted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    wanted = re.compile(targets)
     removed = []
-    for path in folder.iterdir():
-        if not _TEMPORARY.fullmatch(path.name):
+    for path in sorted(folder.iterdir()):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or not wanted.fullmatch(match["target"]) or path.is_symlink():
             continue
-        if path.is_dir() and not path.is_symlink():
+        target = folder / match["target"]
+        if match["kind"] == "old" and not target.exists():
+            os.replace(path, target)  # the previous complete version, back in place
+            continue
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         removed.append(path)
+    _fsync_path(folder)
     return removed

@@ -69,16 +69,19 @@ def _umask() -> int:
     return mask
 
 
-def test_stale_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+def test_stale_temporaries_of_a_killed_writer_are_cleaned_and_nothing_else(tmp_path):
     from gralora_diffusion.fs import remove_stale_temporaries
 
     (tmp_path / ".final.safetensors.k2j4_x9a.tmp").write_bytes(b"")  # a file write killed midway
     (tmp_path / ".checkpoint-4.ab12cd34.tmp").mkdir()  # a folder write killed midway
     (tmp_path / ".checkpoint-4.ab12cd34.tmp" / "adapter.safetensors").write_bytes(b"x")
-    (tmp_path / ".checkpoint-8.zz99zz99.old").mkdir()  # a replace killed between its renames
-    keep = [".hidden", ".notes.tmp", "final.safetensors", ".a.b.tmp", "checkpoint-4"]
+    (tmp_path / ".checkpoint-8.zz99zz99.old").mkdir()  # a replace killed between its renames: the only copy
+    (tmp_path / ".checkpoint-8.zz99zz99.old" / "state.json").write_text("{}")
+    keep = [".hidden", ".notes.tmp", "final.safetensors", ".a.b.tmp", "checkpoint-4", ".zshrc.20240101.old",
+            ".notes.backup01.tmp", ".other.safetensors.k2j4_x9a.tmp", ".final.safetensors.K2J4X9AB.tmp"]  # fmt: skip
     for name in keep:
         (tmp_path / name).write_text("keep")
-    removed = sorted(p.name for p in remove_stale_temporaries(tmp_path))
-    assert removed == [".checkpoint-4.ab12cd34.tmp", ".checkpoint-8.zz99zz99.old", ".final.safetensors.k2j4_x9a.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    removed = remove_stale_temporaries(tmp_path, r"final\.safetensors|checkpoint-\d+")
+    assert sorted(p.name for p in removed) == [".checkpoint-4.ab12cd34.tmp", ".final.safetensors.k2j4_x9a.tmp"]
+    assert (tmp_path / "checkpoint-8" / "state.json").read_text() == "{}"  # renamed back, not deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["checkpoint-8"])

@@ -341,13 +341,13 @@ def test_latest_skips_incomplete_and_prune_keeps_the_newest(tmp_path):
     for step in (2, 4, 6):
         ckpt.save_checkpoint(tmp_path, step, _write_adapter, opt, STATE)
     (tmp_path / "checkpoint-8").mkdir()  # incomplete: no state.json
-    (tmp_path / ".checkpoint-10.abc.tmp").mkdir()  # a killed write
+    (tmp_path / ".checkpoint-10.abc_1234.tmp").mkdir()  # a killed write
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-6"
     assert ckpt.resolve_resume(tmp_path, "latest").name == "checkpoint-6"
     removed = ckpt.prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in removed] == ["checkpoint-2"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
-    assert not (tmp_path / ".checkpoint-10.abc.tmp").exists()
+    assert not (tmp_path / ".checkpoint-10.abc_1234.tmp").exists()
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(tmp_path, "checkpoint-8")
     assert ckpt.resolve_resume(tmp_path / "empty", "latest") is None

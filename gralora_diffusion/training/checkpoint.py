@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..fs import write_directory_atomically
+from ..fs import remove_stale_temporaries, write_directory_atomically
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "state.json"
@@ -156,9 +156,7 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     """Delete the oldest checkpoints beyond ``keep`` (and stray temporary folders); return what was deleted."""
     output_dir = Path(output_dir)
     removed = []
-    for pattern in (".checkpoint-*.tmp", ".checkpoint-*.old"):  # left by a run killed inside a write
-        for stray in output_dir.glob(pattern):
-            shutil.rmtree(stray, ignore_errors=True)
+    remove_stale_temporaries(output_dir, r"checkpoint-\d+")  # left by a run killed inside a checkpoint write
     if keep is None or keep <= 0:
         return removed
     complete = list_checkpoints(output_dir)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -317,7 +318,12 @@ class DreamBoothTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(self.out):  # left by a run killed inside a write
+            # what a run killed inside a write left: only temporaries of what the trainer writes here
+            written = (
+                "|".join(re.escape(n) for n in (adapter_path(args).name, "train_metrics.json", "README.md"))
+                + r"|checkpoint-\d+"
+            )
+            for stale in remove_stale_temporaries(self.out, written):
                 logger.info(f"removed {stale.name}, left by an interrupted write")
 
         self.tokenizers, self.text_encoders, self.vae, unet, self.noise_scheduler = load_models(args, self.weight_dtype)
