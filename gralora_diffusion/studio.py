@@ -117,12 +117,15 @@ class AdapterLibrary:
     def preview(self, name: str) -> Path | None:
         """A picture of what adapter ``name`` does, inside the library's folder: ``NAME.preview.png`` (or
         ``NAME.png`` / ``.jpg`` / ``.webp``, the convention of A1111 and model sites) beside the file, else, when
-        the folder is the adapter's training output, the first image of its latest validation step."""
+        the folder is this adapter's training output (its ``train_metrics.json`` names the file), the first image of
+        its latest validation step."""
         path = self.path(name)
         for suffix in (".preview.png", ".png", ".jpg", ".jpeg", ".webp"):
             candidate = path.with_name(path.stem + suffix)
             if candidate.is_file() and candidate.resolve().parent == self.folder:
                 return candidate
+        if self._trained_here() != path.name:
+            return None
         steps = []
         for folder in (self.folder / "validation").glob("step-*"):
             if folder.is_dir() and folder.name[5:].isdigit() and folder.resolve().parent == self.folder / "validation":
@@ -132,6 +135,14 @@ class AdapterLibrary:
             if images:
                 return images[0]
         return None
+
+    def _trained_here(self) -> str | None:
+        """The adapter file name the trainer's ``train_metrics.json`` in this folder records, if any."""
+        try:
+            metrics = json.loads((self.folder / "train_metrics.json").read_text(encoding="utf-8"))
+            return Path(str(metrics["adapter"])).name
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def info(self, name: str) -> AdapterInfo:
         adapter = self.load(name)
@@ -478,7 +489,7 @@ class Studio:
             json.dumps(
                 {
                     "prompt": result.prompt,
-                    "seed": result.seed + index,
+                    "seed": (result.seed + index) % SEED_RANGE,
                     "adapters": result.applied,
                     "base": self.base_name,
                 }

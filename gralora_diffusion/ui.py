@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .studio import AdapterChoice, AdapterLibrary, GenerationRequest, Studio, StudioError
+from PIL import Image
+
+from .studio import SEED_RANGE, AdapterChoice, AdapterLibrary, GenerationRequest, Studio, StudioError
 
 ROW_FIELDS = 6  # enabled, name, weight, separate, unet weight, text-encoder weight
 HELP = """Pick adapters in the rows (or write `<gralora:NAME:WEIGHT>` in the prompt: the tag is removed from the text
@@ -76,8 +78,9 @@ def make_generate_fn(studio: Studio, outputs: Path):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         gallery = []
         for i, image in enumerate(result.images):
-            path = studio.save_png(image, outputs / f"{stamp}-{result.seed + i}-{i}.png", result, i)
-            gallery.append((str(path), f"seed {result.seed + i}"))
+            seed = (result.seed + i) % SEED_RANGE
+            path = studio.save_png(image, outputs / f"{stamp}-{seed}-{i}.png", result, i)
+            gallery.append((str(path), f"seed {seed}"))
         return gallery, str(result.seed), "\n\n".join(status)
 
     return generate
@@ -98,13 +101,19 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
             return f"cannot use this adapter: {err}"
 
     def preview_of(name):
+        """The row's preview as pixels (Gradio serves files only from allowed folders; the adapter folder is not one
+        and should not become one)."""
         if not name:
             return None
         try:
             path = library.preview(name)
-        except (StudioError, ValueError):
+            if path is None:
+                return None
+            with Image.open(path) as image:
+                image.thumbnail((192, 192))
+                return image.convert("RGB")
+        except (StudioError, ValueError, OSError):
             return None
-        return str(path) if path else None
 
     w_max = studio.limits.max_weight
     defaults = studio.defaults
@@ -120,13 +129,13 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
                 with gr.Column(scale=3):
                     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
-                    row_inputs, dropdowns, infos = [], [], []
+                    row_inputs, dropdowns, infos, previews = [], [], [], []
                     for i in range(rows):
                         with gr.Group():
                             with gr.Row():
                                 default = names[i] if i < len(names) else None
                                 preview = gr.Image(
-                                    preview_of(default), label="Preview", type="filepath", height=96, width=96,
+                                    preview_of(default), label="Preview", type="pil", height=96, width=96,
                                     interactive=False, show_label=False, container=False, scale=0, min_width=96,
                                     elem_id=f"row{i}-preview",
                                 )  # fmt: skip
@@ -149,6 +158,7 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
                                 te_w = gr.Slider(-w_max, w_max, value=1.0, step=0.05, label="Text-encoder weight")
                         name.change(describe, name, info)
                         name.change(preview_of, name, preview)
+                        previews.append(preview)
                         row_inputs += [enabled, name, weight, separate, unet_w, te_w]
                         dropdowns.append(name)
                         infos.append(info)
@@ -210,14 +220,15 @@ def build_ui(studio: Studio, outputs: Path, rows: int = 5):
 
             grid_button.click(render_grid, [x_name, x_weights, y_name, y_weights, *inputs, *row_inputs], grid_image)
 
-        def refresh_lists():
+        def refresh_lists(*selected):
             fresh = library.names()
-            return [gr.update(choices=fresh) for _ in dropdowns] + [
-                gr.update(choices=fresh),
-                gr.update(choices=[""] + fresh),
-            ]
+            return (
+                [gr.update(choices=fresh) for _ in dropdowns]
+                + [gr.update(choices=fresh), gr.update(choices=[""] + fresh)]
+                + [preview_of(name if name in fresh else None) for name in selected]  # pictures may have changed
+            )
 
-        refresh.click(refresh_lists, None, [*dropdowns, x_name, y_name])
+        refresh.click(refresh_lists, dropdowns, [*dropdowns, x_name, y_name, *previews])
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
 

@@ -34,6 +34,7 @@ def server(tmp_path_factory):
         folder / "dog.safetensors", seed=1, b_scale=0.2, metadata={"trigger_prompt": "a photo of sks dog"}
     )
     make_adapter_file(folder / "style.safetensors", seed=2, rank=16, gralora_k=4, text_encoders=(), b_scale=0.2)
+    Image.new("RGB", (64, 64), (27, 159, 159)).save(folder / "style.preview.png")  # the row's preview picture
     outputs = tmp_path_factory.mktemp("outputs")
     port = free_port()
     args = ui.parse_args(
@@ -116,6 +117,11 @@ def test_browser_generates_with_two_adapters(server, tmp_path):
         page.goto(server["url"])
         page.wait_for_selector("#generate")
         assert "trigger: 'a photo of sks dog'" in page.locator("#row0-info").inner_text()
+        assert page.locator("#row1-preview img").count() == 1 and page.locator("#row0-preview img").count() == 0
+        page.locator("#row2-name input").fill("style")  # picking an adapter shows its preview
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#row2-preview img", timeout=30_000)
+        assert page.locator("#width input").input_value() == "64"  # the toy base's own size, not 1024
         page.locator("#row0-enable input[type=checkbox]").check()
         page.locator("#row1-enable input[type=checkbox]").check()
         weight = page.locator("#row1-weight input[type=number]")

@@ -283,11 +283,14 @@ def test_previews_come_from_beside_the_file_or_the_training_folder(library, tmp_
     for step in (5, 10):
         (folder / "validation" / f"step-{step}").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(folder / "validation" / f"step-{step}" / "prompt0-0.png")
-    assert library.preview("dog") == folder / "validation" / "step-10" / "prompt0-0.png"
+    assert library.preview("dog") is None  # validation images of an unknown run are nobody's preview
+    (folder / "train_metrics.json").write_text(json.dumps({"adapter": str(folder / "dog.safetensors")}))
+    assert library.preview("dog") == folder / "validation" / "step-10" / "prompt0-0.png"  # the latest step
+    assert library.preview("style") is None  # not the adapter this folder trained
     outside = tmp_path / "elsewhere.png"
     Image.new("RGB", (8, 8)).save(outside)
     os.symlink(outside, folder / "style.png")  # a link out of the folder is not shown
-    assert library.preview("style") == folder / "validation" / "step-10" / "prompt0-0.png"
+    assert library.preview("style") is None
     Image.new("RGB", (8, 8)).save(folder / "dog.preview.png")
     assert library.preview("dog") == folder / "dog.preview.png"
 
