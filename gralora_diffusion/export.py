@@ -459,7 +459,7 @@ def comfyui_tensors(adapter: AdapterFile, names: Mapping[tuple[str, str], str], 
             for suffix in ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight"):
                 if f"{module}.{suffix}" in sd:
                     out[f"{key}.{suffix}"] = sd[f"{module}.{suffix}"].to(dtype).contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(cfg.alpha), dtype=dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(cfg.alpha), dtype=torch.float32)  # exact in any --dtype
     return out
 
 
@@ -485,6 +485,11 @@ def export_comfyui(
             raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
         adapter = read_adapter(source)
     base_layout = resolve_base_layout(adapter, base)
+    if not family_named(base_layout.family).kohya_prefixes:
+        raise ExportError(
+            "--to comfyui names layers as kohya does, which exists for SD 1.x and SDXL only, not "
+            f"{base_layout.family}; export --to diffusers instead."
+        )
     names = kohya_names(adapter, base_layout)
     tensors = comfyui_tensors(adapter, names, dtype)
     metadata = {

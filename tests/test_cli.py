@@ -120,6 +120,13 @@ def _sd15_adapter(tmp_path: Path) -> Path:
     return make_adapter_file(path, seed=3, text_encoders=(), pipeline_builder=build_toy_sd15_pipeline)
 
 
+def _sd3_adapter(tmp_path: Path) -> Path:
+    from gralora_diffusion.toy import build_toy_sd3_pipeline
+
+    path = tmp_path / "sd3.safetensors"
+    return make_adapter_file(path, seed=3, text_encoders=(), pipeline_builder=build_toy_sd3_pipeline)
+
+
 BAD_INPUT = {
     "a LoRA, not GraLoRA": (_lora_file, "is a LoRA adapter, not GraLoRA"),
     "a pickle file": (_pickle_file, "reads only .safetensors"),
@@ -131,6 +138,10 @@ BAD_INPUT = {
     "comfyui with a method": (
         lambda t, a: ["export", str(a), "--to", "comfyui", "--exact"],
         "writes the GraLoRA factors as they are",
+    ),
+    "comfyui for SD3": (
+        lambda t, a: ["export", str(_sd3_adapter(t)), "--to", "comfyui"],
+        "exists for SD 1.x and SDXL only, not sd3",
     ),
     "comfyui to another base": (
         lambda t, a: ["export", str(_sd15_adapter(t)), "--to", "comfyui", "--base", str(toy_sdxl_base_dir())],

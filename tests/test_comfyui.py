@@ -62,7 +62,7 @@ def test_node_registers_once_with_comfyui():
     first, second = load_node().GraLoRAAdapter, load_node().GraLoRAAdapter
     assert first is second
     assert sum(a.name == "gralora" for a in comfy.weight_adapter.adapters) == 1
-    assert comfy.weight_adapter.adapter_maps["GraLoRA"] is first
+    assert first not in comfy.weight_adapter.adapter_maps.values()  # not offered by ComfyUI's LoRA trainer
 
 
 @pytest.fixture(scope="module")

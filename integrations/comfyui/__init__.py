@@ -110,9 +110,8 @@ def register() -> type:
         if getattr(known, "name", None) == "gralora":
             return known
     adapter = _adapter_class()
-    weight_adapter.adapters.append(adapter)
-    weight_adapter.adapter_maps["GraLoRA"] = adapter
-    return adapter
+    weight_adapter.adapters.append(adapter)  # what loading consults; not adapter_maps, ComfyUI's list of trainable
+    return adapter  # algorithms (this adapter applies trained GraLoRA files, it does not train them)
 
 
 try:
