@@ -83,13 +83,54 @@ def check_single_file(base: str | os.PathLike) -> Path:
     return path
 
 
+# A key every single file of a pipeline class has (the original release's names): SDXL's second text encoder,
+# SD 1.x's text encoder. A file without it is another architecture than the configs describe.
+_SINGLE_FILE_MARKERS = {
+    "StableDiffusionXLPipeline": ("conditioner.embedders.1.model.", "SDXL"),
+    "StableDiffusionPipeline": ("cond_stage_model.", "SD 1.x"),
+}
+
+
+def _pipeline_class_name(path: Path, config: str) -> str:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(config)["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"Cannot read the architecture configs for {path.name} from {config} ({first}); pass "
+            "--single_file_config with a diffusers folder (or downloaded hub id) of the same architecture."
+        ) from None
+
+
+def _check_single_file_matches(path: Path, class_name: str, config: str) -> None:
+    """Read only the file's header: is it a safetensors file of the architecture ``config`` describes?"""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path.name} is not a readable safetensors file ({err}); check the file.") from None
+    marker = _SINGLE_FILE_MARKERS.get(class_name)
+    if marker and not any(k.startswith(marker[0]) for k in keys):
+        raise ValueError(
+            f"{path.name} is not an {marker[1]} checkpoint like {config} (no {marker[0]}* weights); pass "
+            "--single_file_config with a diffusers folder of the checkpoint's own architecture."
+        )
+
+
 def config_source(base: str | os.PathLike, single_file_config: str | os.PathLike | None = None) -> str:
     """Where the architecture configs of ``base`` are read: the base itself (a diffusers folder or hub id), or for
-    a single file ``single_file_config`` (default ``SINGLE_FILE_CONFIG``), resolved like a base name."""
+    a single file ``single_file_config`` (default ``SINGLE_FILE_CONFIG``), resolved like a base name, after checking
+    from the file's header that it is of that architecture."""
     if not is_single_file(base):
         return str(base)
-    check_single_file(base)
-    return resolve_base(single_file_config or SINGLE_FILE_CONFIG)
+    path = check_single_file(base)
+    config = resolve_base(single_file_config or SINGLE_FILE_CONFIG)
+    _check_single_file_matches(path, _pipeline_class_name(path, config), config)
+    return config
 
 
 def load_pipeline(base: str | os.PathLike, *, single_file_config: str | os.PathLike | None = None, **kwargs) -> Any:
@@ -108,18 +149,18 @@ def load_pipeline(base: str | os.PathLike, *, single_file_config: str | os.PathL
 
         path = check_single_file(base)
         config = config_source(base, single_file_config)
-        try:
-            class_name = DiffusionPipeline.load_config(config)["_class_name"]
-        except (OSError, ValueError, KeyError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(
-                f"Cannot read the architecture configs for {path.name} from {config} ({first}); pass "
-                "--single_file_config with a diffusers folder (or downloaded hub id) of the same architecture."
-            ) from None
+        class_name = _pipeline_class_name(path, config)
         pipeline_class = getattr(diffusers, class_name, None)
         if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
             raise ValueError(f"{config} names {class_name}, which cannot load single files; pass another config.")
-        return pipeline_class.from_single_file(str(path), config=config, **kwargs)
+        try:
+            return pipeline_class.from_single_file(str(path), config=config, **kwargs)
+        except (ValueError, RuntimeError, KeyError) as err:  # sizes that do not fit the configs, above all
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ValueError(
+                f"{path.name} does not fit the architecture of {config} ({first}); pass --single_file_config with a "
+                "diffusers folder of the checkpoint's own architecture."
+            ) from None
 
 
 def base_defaults(base: str | os.PathLike | None) -> dict[str, Any]:

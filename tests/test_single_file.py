@@ -93,18 +93,20 @@ def test_a_single_file_base_generates_what_its_folder_generates(bases, tmp_path,
     assert np.abs(a - b).max() <= 1
 
 
-def test_merge_and_export_read_a_single_file_base(bases, tmp_path, capsys):
+def test_merge_and_export_from_a_single_file_equal_those_from_its_folder(bases, tmp_path, capsys):
     folder, single, adapter = bases
-    merged = tmp_path / "merged"
-    assert cli.main(["merge", str(adapter), "--base", str(single), "--single_file_config", str(folder), "-o",
-                     str(merged)]) == 0  # fmt: skip
-    assert (merged / "model_index.json").exists()
-    out = tmp_path / "kohya.safetensors"
-    assert cli.main(["export", str(adapter), "--to", "kohya", "--exact", "--base", str(single),
-                     "--single_file_config", str(folder), "-o", str(out)]) == 0  # fmt: skip
-    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in load_file(
-        out
-    )  # 1 layer per block
+    from_file = ["--base", str(single), "--single_file_config", str(folder)]
+    for source, base_flags in (("folder", ["--base", str(folder)]), ("file", from_file)):
+        assert cli.main(["merge", f"{adapter}:0.6", *base_flags, "-o", str(tmp_path / f"merged-{source}")]) == 0
+        assert cli.main(["export", str(adapter), "--to", "kohya", "--exact", *base_flags, "-o",
+                         str(tmp_path / f"kohya-{source}.safetensors")]) == 0  # fmt: skip
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = (load_file(next((tmp_path / f"merged-{s}" / part).glob("*.safetensors"))) for s in ("folder", "file"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = (load_file(tmp_path / f"kohya-{s}.safetensors") for s in ("folder", "file"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the toy has one layer per block, so its first attention block is input_blocks.3 (SDXL's: input_blocks.4)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in a
 
 
 def test_the_app_loads_a_single_file_base(bases):
@@ -146,6 +148,21 @@ def _sd15_base(tmp_path: Path) -> Path:
     return tmp_path / "sd15"
 
 
+def _sd15_single_file(tmp_path: Path) -> Path:
+    """An SD 1.x-layout file (its text encoder under cond_stage_model.): the wrong architecture for SDXL configs."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd15.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(4)}, str(path))
+    return path
+
+
+def _garbage(tmp_path: Path) -> Path:
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    return path
+
+
 BAD = {
     "a pickle checkpoint": (lambda t, f, s, a: ["merge", str(a), "--base", str(t / "model.ckpt")], "pickle checkpoint"),
     "a missing checkpoint": (
@@ -164,7 +181,25 @@ BAD = {
             "--single_file_config",
             str(t / "no-config"),
         ],
-        "does not exist",
+        "Cannot read the architecture configs for toy.safetensors",
+    ),  # fmt: skip
+    "an SD 1.x file with SDXL configs": (
+        lambda t, f, s, a: ["merge", str(a), "--base", str(_sd15_single_file(t)), "--single_file_config", str(f)],
+        "sd15.safetensors is not an SDXL checkpoint like",
+    ),
+    "not a safetensors file": (
+        lambda t, f, s, a: [
+            "generate",
+            "--adapter",
+            str(a),
+            "--prompt",
+            "x",
+            "--base",
+            str(_garbage(t)),
+            "--single_file_config",
+            str(f),
+        ],
+        "garbage.safetensors is not a readable safetensors file",
     ),  # fmt: skip
     "a single file out of an SD 1.x base": (
         lambda t, f, s, a: [
@@ -209,3 +244,50 @@ def test_merge_refuses_an_existing_checkpoint_file(bases, tmp_path, capsys):
     assert cli.main(["merge", str(adapter), "-o", str(out)]) == 2
     assert "exists; choose a new file name" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
+
+
+def test_full_size_sdxl_names_convert_back_with_diffusers_own_converters():
+    """SDXL base 1.0's four models at their published sizes (on the meta device: names and shapes only), written in
+    the original layout: diffusers identifies the state dict as SDXL base and its own converters map every UNet, VAE
+    and text-encoder key back to the models' own names and shapes, none missing, none extra."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as convert
+    from test_comfyui import sdxl_unet_on_meta
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from gralora_diffusion.original_layout import original_state_dict
+
+    unet = sdxl_unet_on_meta()
+    with torch.device("meta"):
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
+        )  # fmt: skip
+        clip_l = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+        )
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                             num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+                                             hidden_act="gelu"))  # fmt: skip
+    checkpoint = original_state_dict(unet, vae, clip_l, clip_g)
+    assert convert.infer_diffusers_model_type(checkpoint) == "xl_base"
+
+    def same(ours: dict, converted: dict, what: str) -> None:
+        ours = {k.removeprefix("text_model."): v.shape for k, v in ours.items() if not k.endswith("position_ids")}
+        converted = {k.removeprefix("text_model."): v.shape for k, v in converted.items()}
+        assert converted == ours, what
+
+    same(unet.state_dict(), convert.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)), "unet")
+    vae_converted = convert.convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
+    same(vae.state_dict(), {k: v.reshape(vae.state_dict()[k].shape) for k, v in vae_converted.items()}, "vae")
+    assert {k: v.shape[:2] for k, v in vae_converted.items()} == {k: v.shape[:2] for k, v in vae.state_dict().items()}
+    same(clip_l.state_dict(), convert.convert_ldm_clip_checkpoint(checkpoint), "text_encoder")
+    prefix = "conditioner.embedders.1.model."
+    same(clip_g.state_dict(), convert.convert_open_clip_checkpoint(clip_g, checkpoint, prefix=prefix), "text_encoder_2")
