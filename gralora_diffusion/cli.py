@@ -21,7 +21,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-TOY_SIZE = 64
 EXIT_BAD_INPUT = 2
 BASE_HELP = "diffusers folder, hub id or one .safetensors checkpoint; toy, toy-world: offline toy bases (default: toy)"
 
@@ -175,6 +174,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .bases import base_defaults
     from .studio import (
         FLOW_SCHEDULERS,
         SCHEDULERS,
@@ -191,20 +191,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"The output must be a .png file, got {out.name}; rename it.")
     specs = [parse_weighted(s) for s in args.adapter]
     files = AdapterFiles([p for p, _ in specs])  # .safetensors files, distinct names
-    size = args.size or (TOY_SIZE if args.base is None else 1024)
-    request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-        width=args.width or size, height=args.height or size, scheduler=args.scheduler, seed=args.seed,
-        adapters=[AdapterChoice(Path(p).stem, w) for p, w in specs],
-    )  # fmt: skip
     limits = Limits()
-    check_request(request, limits, {**SCHEDULERS, **FLOW_SCHEDULERS})  # the base's own menu is checked once loaded
+
+    def make_request(defaults: dict) -> GenerationRequest:
+        """The flags given, the rest from ``defaults`` (the base's own, once it is loaded, as in the app)."""
+        size = args.size or defaults["width"]
+        return GenerationRequest(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps or defaults["steps"],
+            guidance_scale=defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+            width=args.width or size, height=args.height or size, scheduler=args.scheduler, seed=args.seed,
+            adapters=[AdapterChoice(Path(p).stem, w) for p, w in specs],
+        )  # fmt: skip
+
+    # the flags given are checked before anything loads (placeholders for the rest; the base's sampler menu is
+    # checked once it is loaded)
+    placeholders = {"width": limits.min_size, "steps": 1, "guidance_scale": 0.0}
+    check_request(make_request(placeholders), limits, {**SCHEDULERS, **FLOW_SCHEDULERS})
     base = _base_dir(args.base)
     if specs:
         _read_adapters(specs, base, args.single_file_config)
     pipe = _load_pipeline(base, args.dtype, args.single_file_config)
-    studio = Studio(pipe, files, base_name=args.base or "toy-sdxl", limits=limits)
-    result = studio.generate(request)
+    studio = Studio(pipe, files, base_name=args.base or "toy-sdxl", limits=limits, defaults=base_defaults(args.base))
+    result = studio.generate(make_request(studio.defaults))
     if result.errors:
         raise ValueError("; ".join(f"{name}: {why}" for name, why in result.errors.items()))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,9 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="may contain <gralora:NAME:WEIGHT> tags naming given adapters")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--size", type=int, default=None, help="width and height (default 1024; 64 on the toy base)")
+    p.add_argument("--steps", type=int, default=None, help="default: the base's (25; 20 on toy-world)")
+    p.add_argument(
+        "--guidance_scale", type=float, default=None,
+        help="default: the base's (SDXL 5, SD 1.x 7.5, SD3 7; 3 on toy-world)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=int, default=None,
+        help="width and height; default: the base's (its UNet sample size times the VAE scale: 1024 on SDXL, 64 on "
+        "the toy bases)",
+    )  # fmt: skip
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--scheduler", default="Euler")

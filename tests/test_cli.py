@@ -223,6 +223,20 @@ def test_merge_saves_a_plain_pipeline_equal_to_the_fused_one(adapter_files, tmp_
 # --- generate ----------------------------------------------------------------------------------------------------
 
 
+def test_generate_takes_unset_settings_from_the_base(tmp_path, capsys, monkeypatch):
+    from gralora_diffusion import bases
+
+    out = tmp_path / "out.png"
+    code, _, _ = run(["generate", "--prompt", "a red circle", "--seed", "1", "-o", str(out)], capsys)
+    assert code == 0
+    params = Image.open(out).info["parameters"]
+    assert "Size: 64x64" in params and "CFG scale: 5" in params and "Steps: 25" in params  # the toy SDXL's own
+    monkeypatch.setitem(bases._BASE_DEFAULTS, "toy", {"guidance_scale": 3.0, "steps": 2})  # as toy-world has
+    code, _, _ = run(["generate", "--base", "toy", "--prompt", "a red circle", "--steps", "3", "-o", str(out)], capsys)
+    params = Image.open(out).info["parameters"]
+    assert code == 0 and "CFG scale: 3" in params and "Steps: 3" in params  # a given flag wins
+
+
 def test_generate_writes_the_pipelines_image_and_its_settings(adapter_files, tmp_path, capsys):
     a, b = adapter_files
     out = tmp_path / "out.png"
