@@ -96,6 +96,8 @@ def test_end_to_end_run_learns_and_saves_everything(toy_base, instance_dir, tmp_
         ]
     card = (out / "README.md").read_text()
     assert "a photo of sks shape" in card and "| rank r | 8 |" in card and "validation/step-12/prompt0-0.png" in card
+    preview = out / "sks-shape.preview.png"  # beside the adapter, for the app and A1111
+    assert preview.read_bytes() == (out / "validation" / "step-12" / "prompt0-0.png").read_bytes()
     adapter_file = out / "sks-shape.safetensors"
     with safe_open(str(adapter_file), "pt") as f:
         meta = f.metadata()

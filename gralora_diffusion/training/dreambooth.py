@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import make_gralora_config
-from ..fs import remove_stale_temporaries, write_text_atomically
+from ..fs import remove_stale_temporaries, write_file_atomically, write_text_atomically
 from ..io import save_gralora_weights
 from ..layers import gralora_layers, use_memory_lean_training
 from ..peft_ops import add_gralora_adapter
@@ -575,6 +575,9 @@ class DreamBoothTrainer:
             self.metrics["final_eval_loss"] = self._eval_loss()
             final = save_adapter(adapter_path(args), self.models, accelerator, args, self.global_step)
             gallery = self.validate() if self.validation_prompts else []
+            if gallery:  # NAME.preview.png beside the adapter: what the app (and A1111) show for it
+                first = gallery[0][0].read_bytes()
+                write_file_atomically(final.with_name(f"{final.stem}.preview.png"), lambda tmp: tmp.write_bytes(first))
             unet_layer = next(layer for _, layer in gralora_layers(accelerator.unwrap_model(self.models["unet"])))
             write_model_card(
                 self.out, adapter_file=final.name, base_model=args.pretrained_model_name_or_path,
