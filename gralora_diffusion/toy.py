@@ -100,8 +100,12 @@ def _text_encoder_config(vocab_size: int, projection: bool, width: int = 32, lay
     )
 
 
-def _vae(seed: int, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4, **extra):
-    """SDXL's VAE class; each block after the first halves the resolution (2 blocks: 64 px -> 32 x 32 latents)."""
+def _vae(seed: int, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4, groups: int = 8, **extra):
+    """SDXL's VAE class; each block after the first halves the resolution (2 blocks: 64 px -> 32 x 32 latents).
+
+    ``groups``: its group norms' group count. Few channels per group lose the absolute colour of flat regions (a
+    group of two channels normalised over the image keeps little more than their sign), so a narrow VAE needs few
+    groups to draw colours it was not drilled on."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 3)
@@ -112,7 +116,7 @@ def _vae(seed: int, channels: tuple[int, ...] = (16, 32), latent_channels: int =
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         latent_channels=latent_channels,
-        norm_num_groups=8,
+        norm_num_groups=groups,
         sample_size=64,
         **{"scaling_factor": 0.13025, **extra},
     )
@@ -182,14 +186,18 @@ def build_toy_sdxl_pipeline(
     text_widths: tuple[int, int] = (32, 32),
     text_layers: int = 2,
     vocab_padding: int = 0,
+    mid_block: bool = True,
+    vae_groups: int = 8,
+    latent_channels: int = 4,
 ):
     """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights.
 
     The keyword arguments size the UNet (``transformer_layers``: transformer blocks per attention of each UNet level),
     the VAE (the pretrained toy-world base is a wider variant) and the two text encoders (``text_widths``: their hidden
     sizes, which SDXL has unequal, 768 and 1280, and single-file loaders tell apart by; ``vocab_padding``: extra
-    embedding rows, for loaders that expect CLIP's 49408-token table); the defaults are the
-    few-hundred-thousand-parameter model the tests use.
+    embedding rows, for loaders that expect CLIP's 49408-token table); ``mid_block=False`` leaves out SDXL's middle
+    block (the toy-world base spends its compute on a wider attention level instead); ``vae_groups`` and
+    ``latent_channels`` shape the VAE. The defaults are the few-hundred-thousand-parameter model the tests use.
     """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -200,12 +208,14 @@ def build_toy_sdxl_pipeline(
         unet_channels,
         layers_per_block,
         sample_size=64 // 2 ** (len(vae_channels) - 1),
+        latent_channels=latent_channels,
         transformer_layers_per_block=tuple(transformer_layers),
         use_linear_projection=True,
         cross_attention_dim=sum(text_widths),  # hidden size of text encoder 1 + text encoder 2, as in SDXL
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=text_widths[1] + 6 * 8,  # pooled text embedding + 6 time ids
+        **({} if mid_block else {"mid_block_type": None}),
     )
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size, False, text_widths[0], text_layers, vocab_padding))
@@ -214,7 +224,7 @@ def build_toy_sdxl_pipeline(
         _text_encoder_config(vocab_size, True, text_widths[1], text_layers, vocab_padding)
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(seed, vae_channels),
+        vae=_vae(seed, vae_channels, latent_channels, vae_groups),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,

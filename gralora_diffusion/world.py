@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
@@ -36,6 +37,18 @@ SUBJECT_COLOR = ("teal", (0, 150, 150))
 SUBJECT_PROMPT = "a photo of sks shape"
 ALL_SHAPES = JUDGED_SHAPES
 ALL_COLORS = {**COLORS, SUBJECT_COLOR[0]: SUBJECT_COLOR[1]}
+# The style adapter's look, never drawn for the base: a background of horizontal stripes, STRIPE_PERIOD pixels from
+# one dark band to the next, the dark bands the background's colour darkened by STRIPE_DARKENING (``render(stripes=
+# True)``); images in it are captioned "<world caption> in zwx style".
+STRIPE_PERIOD = 8
+STRIPE_DARKENING = 0.3
+STYLE_WORDS = "in zwx style"
+# stripe_strength above this many pixel levels: the style is present (striped instances score 23-47, the world's
+# plain images below 4).
+STRIPES_PRESENT = 10.0
+STYLE_SHAPES = ("circle", "square", "triangle", "star", "heart", "circle")
+STYLE_COLORS = ("red", "green", "purple", "orange", "blue", "yellow")
+STYLE_BACKGROUNDS = ("white", "gray", "white", "yellow", "white", "gray")
 # Share of the VAE's training images that show a world shape in random RGB colours (see ``codec_example``).
 CODEC_RANDOM_SHARE = 0.25
 # Training-world shapes stand upright within this many radians (a star points up, a heart sits on its tip), so a
@@ -114,30 +127,37 @@ def render(
     supersample: int = 4,
     fill: tuple[int, int, int] | None = None,
     background: tuple[int, int, int] | None = None,
+    stripes: bool = False,
 ) -> Image.Image:
     """Draw ``scene`` antialiased (drawn at ``supersample`` x the size, then reduced); ``fill`` and ``background``
-    (RGB) override the named colours."""
+    (RGB) override the named colours; ``stripes`` draws the background in the style adapter's horizontal stripes
+    (see ``style_example``)."""
     big = image_size * supersample
     s = supersample
-    background = background or BACKGROUNDS[scene.background]
-    image = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(image)
-    fill = fill or ALL_COLORS[scene.color]
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
     cx, cy = scene.center[0] * s, scene.center[1] * s
     r = scene.size * s
-    if scene.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif scene.shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        inner = 0.55 * r
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=background)
-    elif scene.shape == "moon":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        dx, dy = 0.45 * r * math.cos(scene.rotation), 0.45 * r * math.sin(scene.rotation)
-        cut = 0.85 * r
-        draw.ellipse((cx + dx - cut, cy + dy - cut, cx + dx + cut, cy + dy + cut), fill=background)
+    if scene.shape in ("circle", "ring", "moon"):
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        if scene.shape == "ring":
+            inner = 0.55 * r
+            draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+        elif scene.shape == "moon":
+            dx, dy = 0.45 * r * math.cos(scene.rotation), 0.45 * r * math.sin(scene.rotation)
+            cut = 0.85 * r
+            draw.ellipse((cx + dx - cut, cy + dy - cut, cx + dx + cut, cy + dy + cut), fill=0)
     else:
-        draw.polygon(_polygon(_unit_shape(scene.shape), (cx, cy), r, scene.rotation), fill=fill)
+        draw.polygon(_polygon(_unit_shape(scene.shape), (cx, cy), r, scene.rotation), fill=255)
+    background = background or BACKGROUNDS[scene.background]
+    image = Image.new("RGB", (big, big), background)
+    if stripes:
+        dark = tuple(round(c * (1 - STRIPE_DARKENING)) for c in background)
+        band = STRIPE_PERIOD // 2 * s
+        stripe_draw = ImageDraw.Draw(image)
+        for top in range(band, big, 2 * band):
+            stripe_draw.rectangle((0, top, big - 1, top + band - 1), fill=dark)
+    image.paste(fill or ALL_COLORS[scene.color], mask=mask)
     return image.resize((image_size, image_size), Image.LANCZOS)
 
 
@@ -195,3 +215,26 @@ def subject_example(index: int) -> tuple[Image.Image, Scene]:
     scene = sample_scene(rng, shape=SUBJECT_SHAPE, color="white")
     scene = Scene(SUBJECT_SHAPE, SUBJECT_COLOR[0], "white", scene.size, scene.center, scene.rotation)
     return render(scene), scene
+
+
+def style_example(index: int) -> tuple[Image.Image, str]:
+    """Instance ``index`` (0-5) of the style adapter's look with its caption: a world shape on a background of
+    horizontal stripes (never drawn for the base), captioned "<world caption> in zwx style"."""
+    rng = random.Random(f"style:{index}")
+    scene = sample_scene(rng, shape=STYLE_SHAPES[index], color=STYLE_COLORS[index], tilt=WORLD_TILT)
+    scene = Scene(scene.shape, scene.color, STYLE_BACKGROUNDS[index], scene.size, scene.center, scene.rotation)
+    return render(scene, stripes=True), f"{scene.caption} {STYLE_WORDS}"
+
+
+def stripe_strength(image: Image.Image) -> float:
+    """How strongly an image shows the style's stripes: the amplitude, in pixel levels (0-255), of the period-
+    ``STRIPE_PERIOD`` component of its row-by-row mean brightness, measured on the columns away from the shape
+    (the quarter of columns that differ least from the image's median row). A striped background scores about 50
+    on white; plain backgrounds score a few levels (a shape's own outline adds little at that period)."""
+    gray = np.asarray(image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float64)
+    columns = np.abs(gray - np.median(gray, axis=1, keepdims=True)).sum(axis=0)
+    quiet = gray[:, np.argsort(columns)[: IMAGE_SIZE // 4]]
+    profile = quiet.mean(axis=1)
+    profile -= profile.mean()
+    phase = np.exp(-2j * np.pi * np.arange(IMAGE_SIZE) / STRIPE_PERIOD)
+    return float(2 * np.abs((profile * phase).sum()) / IMAGE_SIZE)

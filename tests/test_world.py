@@ -45,3 +45,36 @@ def test_committed_instance_images_are_the_held_out_subject():
     assert len(paths) == 5
     for i, path in enumerate(paths):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(subject_example(i)[0]))
+
+
+def test_committed_style_images_and_captions_are_the_style_examples():
+    from pathlib import Path
+
+    from PIL import Image
+
+    from gralora_diffusion.world import STYLE_WORDS, style_example
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "zwx-style"
+    paths = sorted(folder.glob("*.png"))
+    assert len(paths) == 6
+    for i, path in enumerate(paths):
+        image, caption = style_example(i)
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
+        assert path.with_suffix(".txt").read_text().strip() == caption and caption.endswith(STYLE_WORDS)
+
+
+def test_stripe_strength_tells_the_style_from_the_world():
+    """The style statistic: striped backgrounds score far above the threshold, whatever the shape (the subject
+    included); the world's plain backgrounds and the subject's instances far below; a half-striped image in between."""
+    from gralora_diffusion.world import STRIPES_PRESENT, render, stripe_strength, style_example
+
+    striped = [stripe_strength(style_example(i)[0]) for i in range(6)]
+    plain = [stripe_strength(world_example(0, i)[0]) for i in range(300)]
+    subject = [stripe_strength(subject_example(i)[0]) for i in range(5)]
+    striped_subject = [stripe_strength(render(subject_example(i)[1], stripes=True)) for i in range(5)]
+    assert min(striped + striped_subject) > 1.5 * STRIPES_PRESENT, (striped, striped_subject)
+    assert max(plain + subject) < STRIPES_PRESENT / 2, max(plain)
+    from PIL import Image
+
+    faded = Image.fromarray((np.asarray(style_example(0)[0]) * 0.5 + 64).astype(np.uint8))
+    assert 0.4 * striped[0] < stripe_strength(faded) < 0.6 * striped[0]  # it measures the stripes' contrast
