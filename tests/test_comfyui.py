@@ -196,3 +196,17 @@ def test_single_file_text_encoders_load_in_comfyui(comfy_base):
         for key, value in getattr(pipe, component).state_dict().items():
             name = prefix + (key if key.startswith(("text_model.", "text_projection")) else "text_model." + key)
             assert torch.equal(loaded[name], value), name
+
+
+def test_the_diffusers_layout_loses_the_unet_in_comfyui_as_the_command_says(comfy_base, tmp_path, caplog, capsys):
+    """Why `--to diffusers` points ComfyUI users elsewhere: ComfyUI maps its text-encoder keys but none of its UNet
+    attention keys (measured, so that the note stays true)."""
+    base, state_dict, adapter = comfy_base
+    out = tmp_path / "diffusers.safetensors"
+    assert cli.main(["export", str(adapter), "--to", "diffusers", "--exact", "--base", str(base), "-o", str(out)]) == 0
+    assert "use --to kohya (a LoRA) or --to comfyui" in capsys.readouterr().out
+    lora = load_file(out)
+    caplog.set_level(logging.WARNING)
+    comfy_deltas(state_dict, comfy_toy(0), lora, 1.0)
+    lost = {r.getMessage().split(": ", 1)[1] for r in caplog.records if "lora key not loaded" in r.getMessage()}
+    assert lost == {k for k in lora if k.startswith("unet.")}  # every UNet key, no text-encoder key
