@@ -1,14 +1,18 @@
-"""The main job on the toy default: teach the pretrained toy SDXL base a subject it has never seen with the DreamBooth
-trainer, then compare base and adapter, blend the adapter at half weight, and fuse it.
+"""The main job on the toy default: teach the pretrained toy SDXL base a subject and a style it has never seen with the
+DreamBooth trainer, then compare base and adapters, blend them, and fuse.
 
     python -m gralora_diffusion.demo --out outputs/demo
 
 The base (``gralora_diffusion/assets/toy-sdxl-world``, made by ``scripts/pretrain_toy.py``) draws coloured shapes
-from captions such as "a red star on a gray background"; the subject is the held-out teal crescent moon of
-``examples/sks-shape/`` with the trigger prompt "a photo of sks shape". Writes ``grid.png`` (one row per prompt: the
-trigger and two unrelated prompts; columns: base | adapter at 0.5 | adapter at 1.0, two seeds each) and ``demo.json``
-with the training loss, the evaluator's subject similarity and recognition rate for base and adapter, the drift on
-the unrelated prompts, the fused-vs-unfused difference and timings.
+from captions such as "a red star on a gray background". Two GraLoRA adapters are trained: the *subject*, the
+held-out teal crescent moon of ``examples/sks-shape/`` with the trigger prompt "a photo of sks shape", and a *style*,
+a striped background on any shape (``examples/zwx-style/``, captions ending "in zwx style"). Writes ``grid.png`` (one
+row per prompt: the trigger and two unrelated prompts; columns: base | subject at 0.5 | subject at 1.0 | style at 1.0 |
+subject 1.0 + style 0.7, two seeds each; the style columns add "in zwx style" to each prompt) and ``demo.json``: the
+training losses; for the subject at 0.5 and 1.0, the evaluator's similarity to the instances, the share of
+16 fresh trigger-prompt images it recognises as the subject, and the drift on the unrelated prompts; for
+the blend, the share of fresh images recognised as the subject and the share showing the style's stripes
+(``world.stripe_strength``); the fused-vs-unfused difference and timings.
 """
 
 from __future__ import annotations
@@ -25,10 +29,21 @@ from PIL import Image, ImageDraw
 from . import adapters as api
 from .bases import resolve_base, shown_path
 from .fs import write_file_atomically, write_text_atomically
-from .world import SUBJECT_PROMPT, subject_example
+from .world import STRIPES_PRESENT, STYLE_WORDS, SUBJECT_PROMPT, stripe_strength, style_example, subject_example
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
-SEEDS = (0, 1)
+SEEDS = (0, 1)  # the grid's
+EVAL_SEED = 100  # fresh images are judged at seeds 100, 101, ...
+STYLE_WEIGHT_IN_BLEND = 0.7
+# The main job's settings (the command line's defaults).
+DEFAULTS = {
+    "train_steps": 300, "style_steps": 200, "rank": 16, "learning_rate": 1e-3, "text_encoder_lr": None,
+    "sampling_steps": 20, "guidance": 3.0, "eval_images": 16,
+}  # fmt: skip
+
+
+def styled(prompt: str) -> str:
+    return f"{prompt} {STYLE_WORDS}"
 
 
 def write_subject_images(folder: Path, count: int = 5) -> Path:
@@ -39,16 +54,29 @@ def write_subject_images(folder: Path, count: int = 5) -> Path:
     return folder
 
 
-def train_subject(out_dir: Path, base: str, steps: int, rank: int, learning_rate: float, text_encoder_lr: float | None):
-    """Run the DreamBooth trainer (in this process) on the subject images; return its ``TrainResult``."""
+def write_style_images(folder: Path, count: int = 6) -> Path:
+    """The style's instance images with their captions (the same as the repository's ``examples/zwx-style/``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image, caption = style_example(i)
+        image.save(folder / f"zwx-style-{i}.png")
+        (folder / f"zwx-style-{i}.txt").write_text(caption + "\n")
+    return folder
+
+
+def train_adapter(
+    instances: Path, prompt: str, output_dir: Path, base: str, steps: int, rank: int, learning_rate: float,
+    text_encoder_lr: float | None,
+):  # fmt: skip
+    """Run the DreamBooth trainer (in this process) on a folder of instance images; return its ``TrainResult``."""
     from .training.args import make_config
     from .training.dreambooth import train
 
     settings = dict(
-        pretrained_model_name_or_path=base, instance_data_dir=str(write_subject_images(out_dir / "instances")),
-        instance_prompt=SUBJECT_PROMPT, output_dir=str(out_dir / "sks-shape"), resolution=64, train_batch_size=4,
-        rank=rank, learning_rate=learning_rate, lr_warmup_steps=0, max_train_steps=steps, checkpointing_steps=steps,
-        report_to="none", overwrite_output_dir=True, seed=0,
+        pretrained_model_name_or_path=base, instance_data_dir=str(instances), instance_prompt=prompt,
+        output_dir=str(output_dir), resolution=64, train_batch_size=4, rank=rank, learning_rate=learning_rate,
+        lr_warmup_steps=0, max_train_steps=steps, checkpointing_steps=steps, report_to="none",
+        overwrite_output_dir=True, seed=0,
     )  # fmt: skip
     if text_encoder_lr is not None:
         settings.update(train_text_encoder=True, text_encoder_lr=text_encoder_lr)
@@ -89,51 +117,86 @@ def _pixels(rows: list[list[Image.Image]]) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float32) for row in rows for im in row])
 
 
+def _style_rate(images: list[Image.Image]) -> float:
+    return sum(stripe_strength(im) > STRIPES_PRESENT for im in images) / len(images)
+
+
 def run_demo(
     out_dir: Path,
     base: str | None = None,
     *,
-    train_steps: int = 300,
-    rank: int = 16,
-    learning_rate: float = 1e-3,
-    text_encoder_lr: float | None = None,
-    sampling_steps: int = 20,
-    guidance: float = 3.0,
+    train_steps: int = DEFAULTS["train_steps"],
+    rank: int = DEFAULTS["rank"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    text_encoder_lr: float | None = DEFAULTS["text_encoder_lr"],
+    style_steps: int = DEFAULTS["style_steps"],
+    sampling_steps: int = DEFAULTS["sampling_steps"],
+    guidance: float = DEFAULTS["guidance"],
+    eval_images: int = DEFAULTS["eval_images"],
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from .evaluator import load_evaluator, subject_scores
+    from .evaluator import judge, load_evaluator, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base("toy-world" if base is None else base)
     t0 = time.perf_counter()
-    training = train_subject(out_dir, base_path, train_steps, rank, learning_rate, text_encoder_lr)
-    adapter = training.adapter
+    subject_images = write_subject_images(out_dir / "instances")
+    training = train_adapter(subject_images, SUBJECT_PROMPT, out_dir / "sks-shape", base_path, train_steps, rank,
+                             learning_rate, text_encoder_lr)  # fmt: skip
     t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    style_images = write_style_images(out_dir / "style-instances")
+    style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", base_path, style_steps,
+                                   rank, learning_rate, text_encoder_lr)  # fmt: skip
+    t_train_style = time.perf_counter() - t0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
     pipe.set_progress_bar_config(disable=True)
     prompts = (SUBJECT_PROMPT, *UNRELATED_PROMPTS)
-    settings = (SEEDS, sampling_steps, guidance)
+    settings = (sampling_steps, guidance)
+    eval_seeds = list(range(EVAL_SEED, EVAL_SEED + eval_images))
     t0 = time.perf_counter()
-    columns = {"base": generate(pipe, prompts, *settings)}
+    columns = {"base": generate(pipe, prompts, SEEDS, *settings)}
     t_generate = time.perf_counter() - t0
-    api.load_gralora_weights(pipe, adapter, adapter_name="sks")
-    api.set_gralora_adapters(pipe, ["sks"], [0.5])
-    columns["sks x 0.5"] = generate(pipe, prompts, *settings)
-    api.set_gralora_adapters(pipe, ["sks"], [1.0])
-    columns["sks x 1.0"] = generate(pipe, prompts, *settings)
+    fresh = {"base": generate(pipe, [SUBJECT_PROMPT], eval_seeds, *settings)[0]}
+    base_styled = generate(pipe, [styled(SUBJECT_PROMPT)], eval_seeds, *settings)[0]
+    api.load_gralora_weights(pipe, training.adapter, adapter_name="sks")
+    api.load_gralora_weights(pipe, style_training.adapter, adapter_name="zwx")
+    for weight in (0.5, 1.0):
+        api.set_gralora_adapters(pipe, ["sks", "zwx"], [weight, 0.0])
+        columns[f"sks x {weight}"] = generate(pipe, prompts, SEEDS, *settings)
+        fresh[f"sks x {weight}"] = generate(pipe, [SUBJECT_PROMPT], eval_seeds, *settings)[0]
+    api.set_gralora_adapters(pipe, ["sks", "zwx"], [0.0, 1.0])
+    columns["zwx x 1.0"] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
+    blend = f"sks x 1.0 + zwx x {STYLE_WEIGHT_IN_BLEND}"
+    api.set_gralora_adapters(pipe, ["sks", "zwx"], [1.0, STYLE_WEIGHT_IN_BLEND])
+    columns[blend] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
+    blended = generate(pipe, [styled(SUBJECT_PROMPT)], eval_seeds, *settings)[0]
+    api.set_gralora_adapters(pipe, ["sks", "zwx"], [1.0, 0.0])
     t0 = time.perf_counter()
-    api.fuse_gralora(pipe)
+    api.fuse_gralora(pipe, adapter_names=["sks"])
     t_fuse = time.perf_counter() - t0
-    fused = generate(pipe, prompts, *settings)
+    fused = generate(pipe, prompts, SEEDS, *settings)
 
     evaluator = load_evaluator()
     instances = [subject_example(i)[0] for i in range(5)]
     base_unrelated = [im for row in columns["base"][1:] for im in row]
     scores = {
-        name: subject_scores(evaluator, instances, rows[0], [im for row in rows[1:] for im in row], base_unrelated)
-        for name, rows in columns.items()
+        name: subject_scores(evaluator, instances, fresh[name], [im for row in columns[name][1:] for im in row],
+                             base_unrelated)
+        for name in fresh
+    }  # fmt: skip
+    verdict = judge(evaluator, blended)
+    style_unrelated = [im for row in columns["zwx x 1.0"][1:] for im in row]
+    is_subject = [s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])]
+    scores[blend] = {"recognised": sum(is_subject) / len(blended), "style_present": _style_rate(blended)}
+    style = {
+        "present_in_blend": scores[blend]["style_present"],
+        "present_at_1.0_on_unrelated_prompts": _style_rate(style_unrelated),
+        "present_in_base_images_of_the_styled_trigger": _style_rate(base_styled),
+        "present_in_subject_images_at_1.0": _style_rate(fresh["sks x 1.0"]),
+        "threshold": STRIPES_PRESENT,
     }
 
     grid_path = out_dir / "grid.png"
@@ -142,17 +205,27 @@ def run_demo(
     report = {
         "base": shown_path(base_path),
         "prompts": list(prompts),
+        "styled_prompts": [styled(p) for p in prompts],
         "seeds": list(SEEDS),
+        "eval_seeds": eval_seeds,
         "columns": list(columns),
         "training": {
             "steps": training.steps,
             "rank": rank,
             "learning_rate": learning_rate,
+            "text_encoder_lr": text_encoder_lr,
             "eval_loss_before": training.initial_eval_loss,
             "eval_loss_after": training.final_eval_loss,
             "seconds": t_train,
         },
+        "style_training": {
+            "steps": style_training.steps,
+            "eval_loss_before": style_training.initial_eval_loss,
+            "eval_loss_after": style_training.final_eval_loss,
+            "seconds": t_train_style,
+        },
         "scores": scores,
+        "style": style,
         "max_abs_pixel_diff_fused_vs_unfused": float(np.abs(_pixels(fused) - _pixels(columns["sks x 1.0"])).max()),
         "seconds": {"generate_6_images": t_generate, "fuse": t_fuse},
         "grid": str(grid_path),
@@ -165,15 +238,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("--base", default=None, help="SDXL folder, or toy / toy-world (default: toy-world)")
-    parser.add_argument("--train_steps", type=int, default=300)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="the quality benchmark's pick at rank 16")
+    parser.add_argument("--train_steps", type=int, default=DEFAULTS["train_steps"], help="the subject adapter's steps")
+    parser.add_argument("--style_steps", type=int, default=DEFAULTS["style_steps"], help="the style adapter's steps")
+    parser.add_argument("--rank", type=int, default=DEFAULTS["rank"])
+    parser.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"])
     parser.add_argument(
-        "--text_encoder_lr", type=float, default=None, help="also train both text encoders' adapters at this lr"
+        "--text_encoder_lr", type=float, default=DEFAULTS["text_encoder_lr"],
+        help="also train both text encoders' adapters at this lr",
+    )  # fmt: skip
+    parser.add_argument("--sampling_steps", type=int, default=DEFAULTS["sampling_steps"])
+    parser.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
+    parser.add_argument(
+        "--eval_images", type=int, default=DEFAULTS["eval_images"], help="fresh images judged per setting"
     )
-    parser.add_argument("--sampling_steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     report = run_demo(
         args.out,
         args.base,
@@ -181,20 +260,32 @@ def main(argv: list[str] | None = None) -> None:
         rank=args.rank,
         learning_rate=args.learning_rate,
         text_encoder_lr=args.text_encoder_lr,
+        style_steps=args.style_steps,
         sampling_steps=args.sampling_steps,
         guidance=args.guidance,
+        eval_images=args.eval_images,
     )
-    t = report["training"]
+    t, st = report["training"], report["style_training"]
     print(f"base: {report['base']}")
     print(
-        f"trained a rank-{t['rank']} GraLoRA adapter for {t['steps']} steps in {t['seconds']:.0f} s: loss on the "
-        f"subject images {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}"
+        f"subject: a rank-{t['rank']} GraLoRA adapter, {t['steps']} steps in {t['seconds']:.0f} s: loss on its "
+        f"images {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}"
+    )
+    print(
+        f"style: {st['steps']} steps in {st['seconds']:.0f} s: loss on its images {st['eval_loss_before']:.4f} -> "
+        f"{st['eval_loss_after']:.4f}"
     )
     print(f"{'':<10} similarity to the subject  recognised as the subject  drift on unrelated prompts")
     for name, s in report["scores"].items():
-        print(f"{name:<10} {s['similarity']:>25.3f}  {s['recognised']:>25.0%}  {s['drift']:>26.3f}")
+        if "similarity" in s:
+            print(f"{name:<10} {s['similarity']:>25.3f}  {s['recognised']:>25.0%}  {s['drift']:>26.3f}")
+    blend = report["columns"][-1]
+    b = report["scores"][blend]
+    base_rate = report["style"]["present_in_base_images_of_the_styled_trigger"]
+    print(f"{blend}: subject recognised {b['recognised']:.0%}, style present {b['style_present']:.0%} "
+          f"(in the base's images of the same prompt: {base_rate:.0%})")  # fmt: skip
     print(f"fused vs unfused adapter: max abs pixel difference {report['max_abs_pixel_diff_fused_vs_unfused']:.0f}")
-    print(f"wrote {report['grid']}")
+    print(f"wrote {report['grid']} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
