@@ -121,16 +121,22 @@ def _check_single_file_matches(path: Path, class_name: str, config: str) -> None
         )
 
 
+def _single_file_source(base: str | os.PathLike, single_file_config: str | os.PathLike | None) -> tuple[Path, str, str]:
+    """(path, config source, pipeline class name) of a single-file base, its header checked against the configs."""
+    path = check_single_file(base)
+    config = resolve_base(single_file_config or SINGLE_FILE_CONFIG)
+    class_name = _pipeline_class_name(path, config)
+    _check_single_file_matches(path, class_name, config)
+    return path, config, class_name
+
+
 def config_source(base: str | os.PathLike, single_file_config: str | os.PathLike | None = None) -> str:
     """Where the architecture configs of ``base`` are read: the base itself (a diffusers folder or hub id), or for
     a single file ``single_file_config`` (default ``SINGLE_FILE_CONFIG``), resolved like a base name, after checking
     from the file's header that it is of that architecture."""
     if not is_single_file(base):
         return str(base)
-    path = check_single_file(base)
-    config = resolve_base(single_file_config or SINGLE_FILE_CONFIG)
-    _check_single_file_matches(path, _pipeline_class_name(path, config), config)
-    return config
+    return _single_file_source(base, single_file_config)[1]
 
 
 def load_pipeline(base: str | os.PathLike, *, single_file_config: str | os.PathLike | None = None, **kwargs) -> Any:
@@ -147,9 +153,7 @@ def load_pipeline(base: str | os.PathLike, *, single_file_config: str | os.PathL
             return DiffusionPipeline.from_pretrained(str(base), **kwargs)
         import diffusers
 
-        path = check_single_file(base)
-        config = config_source(base, single_file_config)
-        class_name = _pipeline_class_name(path, config)
+        path, config, class_name = _single_file_source(base, single_file_config)
         pipeline_class = getattr(diffusers, class_name, None)
         if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
             raise ValueError(f"{config} names {class_name}, which cannot load single files; pass another config.")

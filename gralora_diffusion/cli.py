@@ -60,15 +60,15 @@ def _skeleton(base: str, single_file_config: str | None = None) -> dict:
     return base_skeleton(config_source(base, single_file_config))
 
 
-def _read_adapters(specs: list[tuple[str, float]], base: str, single_file_config: str | None = None) -> list:
-    """Read every adapter and check it against the base's module shapes (configs only), before any weight loads."""
+def _read_adapters(specs: list[tuple[str, float]], models: dict) -> list:
+    """Read every adapter and check it against the base's module shapes (``_skeleton``: configs only), before any
+    weight loads."""
     from .io import read_adapter
     from .peft_ops import check_fits
 
     if not specs:
         raise ValueError("Give at least one adapter file.")
     adapters = [read_adapter(path) for path, _ in specs]
-    models = _skeleton(base, single_file_config)
     for adapter in adapters:
         check_fits(models, adapter)
     return adapters
@@ -143,8 +143,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} exists and is not an empty folder; choose a new output folder.")
     specs = [parse_weighted(s) for s in args.adapters]
     base = _base_dir(args.base)
-    adapters = _read_adapters(specs, base, args.single_file_config)
-    if single_file and family_of_components(_skeleton(base, args.single_file_config)).name != "sdxl":
+    skeleton = _skeleton(base, args.single_file_config)
+    adapters = _read_adapters(specs, skeleton)
+    if single_file and family_of_components(skeleton).name != "sdxl":
         raise ValueError(
             "A single-file checkpoint (-o NAME.safetensors) is written for SDXL bases only; give a folder."
         )
@@ -209,7 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_request(make_request(placeholders), limits, {**SCHEDULERS, **FLOW_SCHEDULERS})
     base = _base_dir(args.base)
     if specs:
-        _read_adapters(specs, base, args.single_file_config)
+        _read_adapters(specs, _skeleton(base, args.single_file_config))
     pipe = _load_pipeline(base, args.dtype, args.single_file_config)
     studio = Studio(pipe, files, base_name=args.base or "toy-sdxl", limits=limits, defaults=base_defaults(args.base))
     result = studio.generate(make_request(studio.defaults))

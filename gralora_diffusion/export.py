@@ -383,6 +383,26 @@ def lora_tensors(
     return out
 
 
+def _read_for_export(
+    adapter: AdapterFile | str | os.PathLike, out_path: str | os.PathLike, dtype: torch.dtype | str
+) -> tuple[AdapterFile, Path, torch.dtype]:
+    """The checks every export makes before any work (a ``.safetensors`` output that is not the adapter itself, a
+    known dtype), then the adapter read and validated."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ExportError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    if not isinstance(adapter, AdapterFile):
+        source = Path(adapter)
+        if source.exists() and out_path.exists() and out_path.resolve() == source.resolve():
+            raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
+        adapter = read_adapter(source)
+    return adapter, out_path, dtype
+
+
 def export_lora(
     adapter: AdapterFile | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -400,21 +420,10 @@ def export_lora(
     its config; without it the adapter's recorded base is used if readable offline, else SDXL's layout. Every check
     runs before the SVD; the file is written under a temporary name and renamed, so it is never half-written.
     """
-    out_path = Path(out_path)
     if layout not in LAYOUTS:
         raise ExportError(f"Unknown layout {layout!r}; use diffusers or kohya.")
-    if out_path.suffix != ".safetensors":
-        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ExportError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-        dtype = DTYPES[dtype]
     _check_method(rank, energy, exact)
-    if not isinstance(adapter, AdapterFile):
-        source = Path(adapter)
-        if source.exists() and out_path.exists() and out_path.resolve() == source.resolve():
-            raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
-        adapter = read_adapter(source)
+    adapter, out_path, dtype = _read_for_export(adapter, out_path, dtype)
     names = None
     naming_source = ""
     if layout == "kohya":
@@ -472,18 +481,7 @@ def export_comfyui(
 ) -> ExportResult:
     """Write ``adapter`` for ComfyUI with the GraLoRA node: its factors as they are (no SVD, no loss, the adapter's
     size) under the kohya module names ComfyUI maps. ``base`` names the UNet blocks as for ``export_lora``."""
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise ExportError(f"The output must end in .safetensors, got {out_path.name}; rename it.")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ExportError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-        dtype = DTYPES[dtype]
-    if not isinstance(adapter, AdapterFile):
-        source = Path(adapter)
-        if source.exists() and out_path.exists() and out_path.resolve() == source.resolve():
-            raise ExportError(f"The output {out_path} is the adapter itself; choose another output name.")
-        adapter = read_adapter(source)
+    adapter, out_path, dtype = _read_for_export(adapter, out_path, dtype)
     base_layout = resolve_base_layout(adapter, base)
     if not family_named(base_layout.family).kohya_prefixes:
         raise ExportError(

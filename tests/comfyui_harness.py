@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 def _snapshot() -> Path:
     """$GRALORA_COMFYUI, else ``shared/third_party/ComfyUI`` beside the repository (this project's layout)."""
     if os.environ.get("GRALORA_COMFYUI"):

@@ -163,6 +163,11 @@ def _garbage(tmp_path: Path) -> Path:
     return path
 
 
+def _generate_on(adapter: Path, base: Path, config: Path) -> list[str]:
+    return ["generate", "--adapter", str(adapter), "--prompt", "x", "--base", str(base), "--single_file_config",
+            str(config)]  # fmt: skip
+
+
 BAD = {
     "a pickle checkpoint": (lambda t, f, s, a: ["merge", str(a), "--base", str(t / "model.ckpt")], "pickle checkpoint"),
     "a missing checkpoint": (
@@ -170,17 +175,7 @@ BAD = {
         "does not exist",
     ),
     "configs that cannot be read": (
-        lambda t, f, s, a: [
-            "generate",
-            "--adapter",
-            str(a),
-            "--prompt",
-            "x",
-            "--base",
-            str(s),
-            "--single_file_config",
-            str(t / "no-config"),
-        ],
+        lambda t, f, s, a: _generate_on(a, s, t / "no-config"),
         "Cannot read the architecture configs for toy.safetensors",
     ),  # fmt: skip
     "an SD 1.x file with SDXL configs": (
@@ -188,17 +183,7 @@ BAD = {
         "sd15.safetensors is not an SDXL checkpoint like",
     ),
     "not a safetensors file": (
-        lambda t, f, s, a: [
-            "generate",
-            "--adapter",
-            str(a),
-            "--prompt",
-            "x",
-            "--base",
-            str(_garbage(t)),
-            "--single_file_config",
-            str(f),
-        ],
+        lambda t, f, s, a: _generate_on(a, _garbage(t), f),
         "garbage.safetensors is not a readable safetensors file",
     ),  # fmt: skip
     "a single file out of an SD 1.x base": (
