@@ -40,11 +40,11 @@ ALL_COLORS = {**COLORS, SUBJECT_COLOR[0]: SUBJECT_COLOR[1]}
 # The style adapter's look, never drawn for the base: a background of horizontal stripes, STRIPE_PERIOD pixels from
 # one dark band to the next, the dark bands the background's colour darkened by STRIPE_DARKENING (``render(stripes=
 # True)``); images in it are captioned "<world caption> in zwx style".
-STRIPE_PERIOD = 8
+STRIPE_PERIOD = 16
 STRIPE_DARKENING = 0.3
 STYLE_WORDS = "in zwx style"
-# stripe_strength above this many pixel levels: the style is present (striped instances score 23-47, the world's
-# plain images below 4).
+# stripe_strength above this many pixel levels: the style is present (striped instances score 24-47, the world's
+# plain images about 0).
 STRIPES_PRESENT = 10.0
 STYLE_SHAPES = ("circle", "square", "triangle", "star", "heart", "circle")
 STYLE_COLORS = ("red", "green", "purple", "orange", "blue", "yellow")
@@ -228,12 +228,14 @@ def style_example(index: int) -> tuple[Image.Image, str]:
 
 def stripe_strength(image: Image.Image) -> float:
     """How strongly an image shows the style's stripes: the amplitude, in pixel levels (0-255), of the period-
-    ``STRIPE_PERIOD`` component of its row-by-row mean brightness, measured on the columns away from the shape
-    (the quarter of columns that differ least from the image's median row). A striped background scores about 50
-    on white; plain backgrounds score a few levels (a shape's own outline adds little at that period)."""
+    ``STRIPE_PERIOD`` component of its row-by-row mean brightness, measured on the columns away from the shape: the
+    quarter of columns that differ least from each row's background, read off the image's two outermost columns on
+    each side (where world shapes never reach; the stripes span the whole width). A striped background scores about
+    47 on white and 24 on gray; plain backgrounds score about 0, whatever the shape's size and outline."""
     gray = np.asarray(image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float64)
-    columns = np.abs(gray - np.median(gray, axis=1, keepdims=True)).sum(axis=0)
-    quiet = gray[:, np.argsort(columns)[: IMAGE_SIZE // 4]]
+    edges = np.concatenate([gray[:, :2], gray[:, -2:]], axis=1)
+    columns = np.abs(gray - np.median(edges, axis=1, keepdims=True)).sum(axis=0)
+    quiet = gray[:, np.argsort(columns, kind="stable")[: IMAGE_SIZE // 4]]
     profile = quiet.mean(axis=1)
     profile -= profile.mean()
     phase = np.exp(-2j * np.pi * np.arange(IMAGE_SIZE) / STRIPE_PERIOD)

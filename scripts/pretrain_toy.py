@@ -172,6 +172,34 @@ def calibrate_scaling_factor(vae, device, images: int = 512) -> float:
     return factor
 
 
+@torch.no_grad()
+def standardise_latent_channels(vae, device, images: int = 512) -> dict:
+    """Reparametrise the VAE so that each latent channel of world images has mean 0 and standard deviation 1, with
+    ``scaling_factor`` 1: an exact change of coordinates (the mean and log-variance rows of ``quant_conv`` are shifted
+    and scaled per channel, ``post_quant_conv``'s input columns undo it), so encode + decode is unchanged.
+
+    One global factor (what SD's VAEs have) leaves channels with large offsets or spreads beside nearly flat ones;
+    the UNet's noise schedule then hides the flat channels' content at small noise levels already. Returns the
+    channels' means and standard deviations before."""
+    latents = []
+    for start in range(0, images, 64):
+        pixels, _ = world_batch(start, 64, seed=200, device=device)
+        latents.append(vae.encode(pixels).latent_dist.sample(generator=torch.Generator(device).manual_seed(start)))
+    latents = torch.cat(latents).float()
+    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+    channels = mean.numel()
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    # quant_conv's first `channels` outputs are the posterior mean, the next the log-variance
+    quant.weight[:channels] /= std[:, None, None, None]
+    quant.bias[:channels] = (quant.bias[:channels] - mean) / std
+    quant.bias[channels:] -= 2 * torch.log(std)
+    # post_quant_conv(z) with z = mean + std * z_new: weights scaled per input channel, the shift into the bias
+    post.bias += (post.weight * mean[None, :, None, None]).sum(dim=(1, 2, 3))
+    post.weight *= std[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
 class EncodedWorld:
     """A fixed set of world images encoded once: the VAE posterior's mean and std of each, with its caption.
 
@@ -386,6 +414,11 @@ def main() -> None:
         help="run only stage 1b on the saved base in this folder, re-judge it and rewrite its VAE and report "
         "(the UNet never sees the decoder, so this equals running stage 1b in a full run)",
     )  # fmt: skip
+    parser.add_argument(
+        "--standardise_latents", type=int, default=0,
+        help="1: give each latent channel mean 0 and std 1 by an exact reparametrisation of the VAE (scaling_factor "
+        "1) instead of one global scaling_factor",
+    )  # fmt: skip
     parser.add_argument("--vae_only", action="store_true", help="stop after the VAE (writes the VAE and its report)")
     parser.add_argument("--unet_steps", type=int, default=3400)
     parser.add_argument(
@@ -427,11 +460,16 @@ def main() -> None:
         model.requires_grad_(False)
     pipe.to(device)
     start = time.time()
+    reused_seconds = 0.0
     if args.vae_from:
         from diffusers import AutoencoderKL
 
         pipe.vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from / "vae").state_dict())
         pipe.vae.requires_grad_(False).eval()
+        earlier = args.vae_from / "vae_report.json"  # a --vae_only run: its time counts toward this base's
+        if earlier.exists():
+            earlier = json.loads(earlier.read_text())
+            reused_seconds = earlier.get("vae_seconds", 0.0) + earlier.get("decoder_seconds", 0.0)
     else:
         train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, device, log,
                   random_share=args.vae_random_share)  # fmt: skip
@@ -440,13 +478,20 @@ def main() -> None:
         finetune_decoder(pipe.vae, args.decoder_steps, args.vae_batch, args.decoder_lr, device, log,
                          random_share=args.decoder_random_share)  # fmt: skip
     decoder_seconds = time.time() - start - vae_seconds
-    factor = calibrate_scaling_factor(pipe.vae, device)
+    if args.standardise_latents:
+        channel_stats = standardise_latent_channels(pipe.vae, device)
+        factor = 1.0
+        log(f"latent channels standardised: means {[round(m, 2) for m in channel_stats['mean']]}, "
+            f"stds {[round(v, 2) for v in channel_stats['std']]}")  # fmt: skip
+    else:
+        factor = calibrate_scaling_factor(pipe.vae, device)
     round_trip, subject_trip = vae_round_trip_accuracy(pipe.vae, device), subject_round_trip(pipe.vae)
     log(f"vae trained in {vae_seconds:.0f} s, decoder in {decoder_seconds:.0f} s; scaling_factor {factor:.4f}; "
         f"{vae_summary(round_trip, subject_trip)}")  # fmt: skip
     if args.vae_only:
         vae_report = {"vae_round_trip": round_trip, "vae_subject_round_trip": subject_trip,
-                      "vae_seconds": vae_seconds, "settings": vars(args)}  # fmt: skip
+                      "vae_seconds": vae_seconds, "decoder_seconds": decoder_seconds,
+                      "settings": vars(args)}  # fmt: skip
         save_atomically(
             args.out, pipe.vae.to("cpu"), "vae_report.json", vae_report | {"log": log_lines}, subfolder="vae"
         )
@@ -466,7 +511,7 @@ def main() -> None:
         getattr(pipe, name).load_state_dict(module.state_dict())
     saved_dtype = getattr(torch, args.unet_dtype)
     pipe.unet.to(saved_dtype).to(torch.float32)  # judge the weights that will be saved, rounding included
-    trained = time.time() - start
+    trained = time.time() - start + reused_seconds
     variants = {decay: type(pipe)(**(pipe.components | modules)) for decay, modules in compared.items()}
     for decay, variant in variants.items():
         score = judge_pipeline(variant, device=device)
@@ -476,7 +521,7 @@ def main() -> None:
     report.update({"architecture": arch, "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
                    "scaling_factor": factor, "vae_round_trip": round_trip, "vae_subject_round_trip": subject_trip,
                    "vae_seconds": vae_seconds, "decoder_seconds": decoder_seconds,
-                   "train_seconds": trained, "threads": torch.get_num_threads(),
+                   "reused_vae_seconds": reused_seconds, "train_seconds": trained, "threads": torch.get_num_threads(),
                    "checkpoints": checkpoints})  # fmt: skip
     log(f"shape and colour correct: {report['shape_and_color_correct']:.3f} over {report['images']} images")
     pipe.to("cpu").unet.to(saved_dtype)  # diffusers loads it back as float32

@@ -78,3 +78,8 @@ def test_stripe_strength_tells_the_style_from_the_world():
 
     faded = Image.fromarray((np.asarray(style_example(0)[0]) * 0.5 + 64).astype(np.uint8))
     assert 0.4 * striped[0] < stripe_strength(faded) < 0.6 * striped[0]  # it measures the stripes' contrast
+    # a plain image with a generation's noise (sigma 12 levels per pixel) stays far below the threshold
+    rng = np.random.default_rng(0)
+    noisy = [Image.fromarray(np.clip(np.asarray(world_example(1, i)[0]) + rng.normal(0, 12, (64, 64, 3)), 0, 255)
+                             .astype(np.uint8)) for i in range(50)]  # fmt: skip
+    assert max(stripe_strength(im) for im in noisy) < STRIPES_PRESENT / 2
