@@ -184,6 +184,8 @@ class Bench:
         self.time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * args.batch, device=self.device)
         self.judge = Judge(args.metric, args.metric_model, self.device)
         self.base_subject, self.base_unrelated = self.generate()
+        if self.device.type != "cpu":  # one UNet on the accelerator at a time: each run copies the base from RAM
+            self.base_unet = pipe.unet.to("cpu")
 
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
@@ -252,12 +254,14 @@ class Bench:
         return sum(p.numel() for p in params), seconds
 
     def run(self, method: str, lr: float, steps: int, seed: int) -> dict:
-        self.pipe.unet = copy.deepcopy(self.base_unet)
+        self.pipe.unet = copy.deepcopy(self.base_unet).to(self.device)
         try:
             params, seconds = self.train(method, lr, steps, seed)
             subject, unrelated = self.generate()
         finally:
             self.pipe.unet = self.base_unet
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         result = {"method": method, "lr": lr, "steps": steps, "seed": seed, "params": params, "train_seconds": seconds}
         result |= self.judge.scores(self.instances, subject, unrelated, self.base_unrelated)
         recognised = f" rec {result['recognised']:.2f}" if "recognised" in result else ""
@@ -433,6 +437,7 @@ def parse_args(argv=None):
     parser.add_argument("--autocast", choices=["no", "bfloat16", "float16"], default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--resume", action="store_true", help="reuse the finished runs logged in OUT.runs.jsonl")
     args = parser.parse_args(argv)
     toy = args.base == "toy-world"
     defaults = base_defaults(args.base)
@@ -467,15 +472,40 @@ def main(argv=None) -> None:
     base_score["instances_among_themselves"] = float(((reference @ reference.T).sum() - n) / max(1, n * n - n))
     print(f"base: {base_score}; attention width {width}, adapted layer widths {widths}")
 
+    # Every finished run goes to OUT.runs.jsonl at once; --resume reuses those of the same settings (a long run
+    # that was stopped goes on where it was).
+    log_path = args.out.with_suffix(".runs.jsonl")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    fingerprint = {k: str(getattr(args, k)) for k in ("base", "batch", "instance_dir", "prompt", "unrelated", "images",
+                                                       "metric", "metric_model", "resolution", "sampling_steps",
+                                                       "guidance", "autocast")}  # fmt: skip
+    if args.resume and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            r = json.loads(line)
+            if r.pop("settings", None) == fingerprint:
+                done[(r["method"], r["lr"], r["steps"], r["seed"])] = r
+        print(f"resuming: {len(done)} finished runs with these settings in {log_path}")
+    elif log_path.exists():
+        log_path.unlink()
+
+    def run(method: str, lr: float, steps: int, seed: int) -> dict:
+        if (method, lr, steps, seed) in done:
+            return done[(method, lr, steps, seed)]
+        result = bench.run(method, lr, steps, seed)
+        with log_path.open("a") as f:
+            f.write(json.dumps(result | {"settings": fingerprint}) + "\n")
+        return result
+
     runs, chosen = [], {}
     for index, steps in enumerate(args.budgets):
         methods = args.methods if index == 0 or args.long_methods is None else args.long_methods
         for method in methods:
             grid = args.full_lrs if method == "full" else args.lrs
-            tuning = [bench.run(method, lr, steps, seed) for lr in grid for seed in args.tune_seeds]
+            tuning = [run(method, lr, steps, seed) for lr in grid for seed in args.tune_seeds]
             runs += tuning
             chosen[(steps, method)] = pick_lr(tuning) if len(grid) > 1 else grid[0]
-            runs += [bench.run(method, chosen[(steps, method)], steps, seed) for seed in args.seeds]
+            runs += [run(method, chosen[(steps, method)], steps, seed) for seed in args.seeds]
 
     table, pairs = tabulate(runs, chosen, width, args.seeds, keys)
     settings = {k: shown_path(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
@@ -485,7 +515,6 @@ def main(argv=None) -> None:
               "threads": torch.get_num_threads(), "device": str(bench.device)}  # fmt: skip
     markdown = render(report)
     print(markdown)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     write_atomically(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(markdown))
     write_atomically(args.out.with_suffix(".png"), lambda tmp: plot(report, tmp))

@@ -121,3 +121,20 @@ def test_real_model_path_scores_with_dinov2_embeddings(tmp_path):
     assert scores["drift"] == pytest.approx(0.0, abs=1e-6)  # the base against itself
     result = bench.run("gralora-4", 1e-2, 2, seed=0)
     assert result["params"] > 0 and -1 <= result["similarity"] <= 1 and result["drift"] > 0
+
+
+def test_resume_reuses_logged_runs_of_the_same_settings_only(tmp_path):
+    out = tmp_path / "q.json"
+    common = ["--methods", "gralora-4", "--tune_seeds", "5", "--lrs", "1e-3", "--budgets", "2"]
+    tiny_run(out, *common, "--seeds", "0")
+    log = out.with_suffix(".runs.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["seed"], r["steps"]) for r in lines] == [(5, 2), (0, 2)]
+    lines[1]["similarity"] = 0.123456  # a marker: a reused run keeps it, a recomputed one cannot have it
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    resumed = tiny_run(out, *common, "--seeds", "0", "1", "--resume")
+    by_seed = {r["seed"]: r for r in resumed["runs"]}
+    assert by_seed[0]["similarity"] == 0.123456 and set(by_seed) == {0, 1, 5}
+    assert len(log.read_text().splitlines()) == 3  # only seed 1 was run and logged
+    other = tiny_run(out, *common, "--seeds", "0", "--resume", "--images", "3")  # other settings: nothing reused
+    assert all(r["similarity"] != 0.123456 for r in other["runs"])
