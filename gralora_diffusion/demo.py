@@ -37,7 +37,8 @@ EVAL_SEED = 100  # fresh images are judged at seeds 100, 101, ...
 STYLE_WEIGHT_IN_BLEND = 0.7
 # The main job's settings (the command line's defaults).
 DEFAULTS = {
-    "train_steps": 300, "style_steps": 200, "rank": 16, "learning_rate": 1e-3, "text_encoder_lr": None,
+    "train_steps": 300, "style_steps": 200, "rank": 4, "learning_rate": 1e-3, "style_learning_rate": 3e-3,
+    "text_encoder_lr": None,
     "sampling_steps": 20, "guidance": 3.0, "eval_images": 16,
 }  # fmt: skip
 
@@ -130,6 +131,7 @@ def run_demo(
     learning_rate: float = DEFAULTS["learning_rate"],
     text_encoder_lr: float | None = DEFAULTS["text_encoder_lr"],
     style_steps: int = DEFAULTS["style_steps"],
+    style_learning_rate: float = DEFAULTS["style_learning_rate"],
     sampling_steps: int = DEFAULTS["sampling_steps"],
     guidance: float = DEFAULTS["guidance"],
     eval_images: int = DEFAULTS["eval_images"],
@@ -148,7 +150,7 @@ def run_demo(
     t0 = time.perf_counter()
     style_images = write_style_images(out_dir / "style-instances")
     style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", base_path, style_steps,
-                                   rank, learning_rate, text_encoder_lr)  # fmt: skip
+                                   rank, style_learning_rate, text_encoder_lr)  # fmt: skip
     t_train_style = time.perf_counter() - t0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
@@ -220,6 +222,7 @@ def run_demo(
         },
         "style_training": {
             "steps": style_training.steps,
+            "learning_rate": style_learning_rate,
             "eval_loss_before": style_training.initial_eval_loss,
             "eval_loss_after": style_training.final_eval_loss,
             "seconds": t_train_style,
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_steps", type=int, default=DEFAULTS["train_steps"], help="the subject adapter's steps")
     parser.add_argument("--style_steps", type=int, default=DEFAULTS["style_steps"], help="the style adapter's steps")
     parser.add_argument("--rank", type=int, default=DEFAULTS["rank"])
-    parser.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"], help="the subject's lr")
+    parser.add_argument("--style_learning_rate", type=float, default=DEFAULTS["style_learning_rate"])
     parser.add_argument(
         "--text_encoder_lr", type=float, default=DEFAULTS["text_encoder_lr"],
         help="also train both text encoders' adapters at this lr",
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate,
         text_encoder_lr=args.text_encoder_lr,
         style_steps=args.style_steps,
+        style_learning_rate=args.style_learning_rate,
         sampling_steps=args.sampling_steps,
         guidance=args.guidance,
         eval_images=args.eval_images,

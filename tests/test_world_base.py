@@ -56,18 +56,22 @@ def test_base_draws_the_asked_shape_and_colour(world_pipe):
 
 
 def test_demo_teaches_the_subject_and_keeps_the_rest(tmp_path):
-    """The README's main job at its defaults, judged on fresh seeds. Measured on the shipped base: similarity -0.385
-    (base) -> 0.432 at 1.0, drift 0.096, no image recognised as the subject (its VAE cannot draw teal: issue 20) and
-    the style's stripes in none of the blend's images; the thresholds guard what holds, with room for other CPUs."""
+    """The README's main job at its defaults, judged on fresh seeds. Measured on the shipped base: similarity 0.162
+    (base) -> 0.648 at 1.0, 75% of 16 trigger images recognised as the teal moon (the base: 0%), drift 0.057; the
+    blend keeps the subject in 56% of its images and shows the stripes in 12% (the style alone on the unrelated
+    prompts: 25%). The thresholds guard what holds, with room for other CPUs' rounding."""
     from gralora_diffusion.demo import run_demo
 
     report = run_demo(tmp_path / "demo")
     scores, style = report["scores"], report["style"]
     base, tuned = scores["base"], scores["sks x 1.0"]
+    blend = scores[report["columns"][-1]]
     print(json.dumps({"scores": scores, "style": style}, indent=1))
     assert base["recognised"] == 0, scores  # the base has never seen a teal moon
-    assert tuned["similarity"] >= base["similarity"] + 0.5, scores
-    assert tuned["drift"] <= 0.12, scores
+    assert tuned["recognised"] >= 0.6, scores  # measured 0.75 (the issue's goal: 0.8)
+    assert tuned["similarity"] >= base["similarity"] + 0.35, scores
+    assert tuned["drift"] <= 0.08, scores
+    assert blend["recognised"] >= 0.4, scores  # the style does not wipe the subject out
     assert style["present_in_base_images_of_the_styled_trigger"] <= 0.2, style  # the base never drew the stripes
     assert style["present_in_subject_images_at_1.0"] <= 0.2, style  # nor does the subject adapter alone
     assert report["max_abs_pixel_diff_fused_vs_unfused"] <= 2
@@ -90,6 +94,7 @@ def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):
         demo.main(["--out", str(tmp_path), "--train_steps", "7", "--style_steps", "8", "--sampling_steps", "9",
                    "--guidance", "2.5", "--eval_images", "3"])  # fmt: skip
     defaults = {"rank": demo.DEFAULTS["rank"], "learning_rate": demo.DEFAULTS["learning_rate"],
+                "style_learning_rate": demo.DEFAULTS["style_learning_rate"],
                 "text_encoder_lr": demo.DEFAULTS["text_encoder_lr"]}  # fmt: skip
     assert seen == {
         "out": tmp_path, "base": None, "train_steps": 7, "style_steps": 8, "sampling_steps": 9, "guidance": 2.5,
