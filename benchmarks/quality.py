@@ -457,6 +457,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (the plot comes last: fail before hours of runs, not after)
+    except ImportError:
+        raise SystemExit('the plot needs matplotlib: pip install -e ".[bench]"') from None
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
