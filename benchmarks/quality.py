@@ -391,6 +391,10 @@ def plot(report: dict, path: Path) -> None:
                     ax.axhspan(*r[key]["ci95"], color="gray", alpha=0.25, label="full")
                     ax.axhline(r[key]["mean"], color="gray")
             ax.set_xscale("log", base=2)
+            ratios = sorted({r["r_over_d"] for r in rows if r["rank"]})
+            ax.set_xticks(ratios, [ratio_text(round(x * report["attention_width"]), report["attention_width"])
+                                   for x in ratios])  # fmt: skip
+            ax.minorticks_off()
             ax.set_xlabel("r / d")
             ax.set_ylabel(key)
             ax.set_title(f"{key}, {steps} steps")
