@@ -31,7 +31,6 @@ from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 from peft.tuners.gralora.model import GraloraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "GraloraLayer",
@@ -88,18 +87,52 @@ def set_adapter_weight(layer: GraloraLayer, adapter: str, weight: float) -> None
         layer.scaling[adapter] = new_scaling
 
 
+def _shuffle(h: torch.Tensor) -> torch.Tensor:
+    """[k(j), n, (c, r/k)] -> [k(c), n, (j, r/k)]: GraLoRA's k x k block exchange (its own inverse)."""
+    k, n, r = h.shape
+    return h.view(k, n, k, r // k).transpose(0, 2).reshape(k, n, r)
+
+
 def _block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GraLoRA's block-routed product for x [..., in], A [k, in/k, r], B [k, r, out/k] (PEFT's layouts): [k, n, out/k].
 
     Input slice j is projected by A[j] to r features; chunk c (r/k wide) of that projection feeds output slice c,
     whose B[c] reads the k chunks (one per input slice) stacked in order of j. n is the number of input rows.
     """
-    k, in_k, r = a.shape
+    k, in_k, _ = a.shape
     x = x.view(-1, k, in_k) if x.is_contiguous() else x.reshape(-1, k, in_k)
-    n = x.shape[0]
     h = torch.bmm(x.transpose(0, 1), a)  # [k(j), n, r]: a strided view of x, no copy
-    h = h.view(k, n, k, r // k).transpose(0, 2).reshape(k, n, r)  # [k(c), n, (j, r/k)]: the only re-layout
-    return torch.bmm(h, b)
+    return torch.bmm(_shuffle(h), b)  # the shuffle is the only re-layout
+
+
+class _RecomputedBlockDelta(torch.autograd.Function):
+    """``_block_delta`` that saves only its input and factors: backward recomputes the k*r-wide intermediate (one
+    ``bmm`` and the shuffle; the second product is not rerun, as activation checkpointing would) and then forms all
+    three gradients itself. Runs backward under the autocast state of its forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x, a, b)
+        return _block_delta(x, a, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            k, in_k, _ = a.shape
+            xv = (x.view(-1, k, in_k) if x.is_contiguous() else x.reshape(-1, k, in_k)).transpose(0, 1)
+            hs = _shuffle(torch.bmm(xv, a))
+            grad_b = torch.bmm(hs.transpose(1, 2), grad) if ctx.needs_input_grad[2] else None
+            grad_h = _shuffle(torch.bmm(grad, b.transpose(1, 2)))
+            grad_a = torch.bmm(xv.transpose(1, 2), grad_h) if ctx.needs_input_grad[1] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(grad_h, a.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        grads = (grad_x, grad_a, grad_b)
+        return tuple(g if g is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, (x, a, b)))
 
 
 class GraloraLinear(PeftGraloraLinear):
@@ -172,7 +205,7 @@ class GraloraLinear(PeftGraloraLinear):
             scale = self.scaling[name] * self.transient_scale
             x_in = self.gralora_dropout[name](x if autocast or x.dtype == a.dtype else x.to(a.dtype))
             if self.recompute_intermediate and torch.is_grad_enabled():
-                delta = checkpoint(_block_delta, x_in, a, b, use_reentrant=False)
+                delta = _RecomputedBlockDelta.apply(x_in, a, b)
             else:
                 delta = _block_delta(x_in, a, b)
             k = a.shape[0]
