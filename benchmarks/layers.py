@@ -35,7 +35,8 @@ Sections, all in one run:
 
 Time: every step is timed alone; the variants run round-robin (the order rotated each round) so that machine noise
 hits them alike. Reported: the median, the median of the per-round differences to ``base`` ("over base": the
-adapter's own cost) and the median of the per-round ratios to lora and to lora-nocast. Writes JSON.
+adapter's own cost) and the median of the per-round ratios to lora and to lora-nocast, with the quartiles of the
+ratios to lora (how far one round strays: on a shared 2-core machine a few percent). Writes JSON.
 
 On a CPU shared with other work, run with ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads, every parallel
 region can wait a scheduler slice for a descheduled thread, which turns time into a count of parallel regions (here
@@ -212,9 +213,18 @@ def paired(times: dict[str, list[float]], v: str, ref: str, ratio: bool) -> floa
     return statistics.median(a / b if ratio else a - b for a, b in pairs)
 
 
+def ratio_quartiles(times: dict[str, list[float]], v: str, ref: str) -> list[float] | None:
+    """The 25th and 75th percentiles over rounds of v/ref: how far one round's ratio strays on this machine."""
+    if ref not in times or len(times[v]) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles([a / b for a, b in zip(times[v], times[ref], strict=True)], n=4)
+    return [q1, q3]
+
+
 def timing_summary(times: dict[str, list[float]], v: str) -> dict:
     return {
         "median_s": statistics.median(times[v]),
+        "time_vs_lora_quartiles": ratio_quartiles(times, v, "lora"),
         "over_base_s": paired(times, v, "base", ratio=False),
         "time_vs_lora": paired(times, v, "lora", ratio=True),
         "time_vs_lora_nocast": paired(times, v, "lora-nocast", ratio=True),
@@ -385,6 +395,10 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, Callable[
         print("| " + " | ".join(s.rjust(w) for s, w in zip(c, widths, strict=True)) + " |")
 
 
+def quartiles(pair: list[float] | None) -> str | None:
+    return None if pair is None else f"{pair[0]:.2f}-{pair[1]:.2f}"
+
+
 def shape_of(row: dict) -> str:
     return f"{row['tokens']}x{row['features']}"
 
@@ -447,6 +461,7 @@ def print_report(rows: list[dict], device, dtype, half) -> None:
             ("ms", lambda r: r["median_s"] * 1e3, ".2f"),
             ("over base ms", lambda r: r["over_base_s"] * 1e3, ".2f"),
             ("t/LoRA", lambda r: r["time_vs_lora"], ".2f"),
+            ("quartiles", lambda r: quartiles(r["time_vs_lora_quartiles"]), ""),
             ("t/nocast", lambda r: r["time_vs_lora_nocast"], ".2f"),
             (mem_label, lambda r: r["memory_mib"], ".2f"),
             ("m/LoRA", lambda r: r["memory_vs_lora"], ".2f"),
@@ -470,6 +485,7 @@ def print_report(rows: list[dict], device, dtype, half) -> None:
                 (unit, lambda r, scale=scale: r["median_s"] * scale, spec),
                 (f"over base {unit}", lambda r, scale=scale: r["over_base_s"] * scale, spec),
                 ("t/LoRA", lambda r: r["time_vs_lora"], ".2f"),
+                ("quartiles", lambda r: quartiles(r.get("time_vs_lora_quartiles")), ""),
             ],
         )
 

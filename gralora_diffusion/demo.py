@@ -12,7 +12,8 @@ subject 1.0 + style 0.7, two seeds each; the style columns add "in zwx style" to
 training losses; for the subject at 0.5 and 1.0, the evaluator's similarity to the instances, the share of
 16 fresh trigger-prompt images it recognises as the subject, and the drift on the unrelated prompts; for
 the blend, the share of fresh images recognised as the subject and the share showing the style's stripes
-(``world.stripe_strength``); the fused-vs-unfused difference and timings.
+(``world.stripe_strength``), and the same share for the style alone on fresh images of the styled unrelated prompts;
+the fused-vs-unfused difference and timings.
 """
 
 from __future__ import annotations
@@ -171,6 +172,9 @@ def run_demo(
         fresh[f"sks x {weight}"] = generate(pipe, [SUBJECT_PROMPT], eval_seeds, *settings)[0]
     api.set_gralora_adapters(pipe, ["sks", "zwx"], [0.0, 1.0])
     columns["zwx x 1.0"] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
+    per_prompt = eval_seeds[: max(1, eval_images // len(UNRELATED_PROMPTS))]  # 16 fresh styled images in all
+    style_alone = [im for row in generate(pipe, [styled(p) for p in UNRELATED_PROMPTS], per_prompt, *settings)
+                   for im in row]  # fmt: skip
     blend = f"sks x 1.0 + zwx x {STYLE_WEIGHT_IN_BLEND}"
     api.set_gralora_adapters(pipe, ["sks", "zwx"], [1.0, STYLE_WEIGHT_IN_BLEND])
     columns[blend] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
@@ -190,12 +194,11 @@ def run_demo(
         for name in fresh
     }  # fmt: skip
     verdict = judge(evaluator, blended)
-    style_unrelated = [im for row in columns["zwx x 1.0"][1:] for im in row]
     is_subject = [s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])]
     scores[blend] = {"recognised": sum(is_subject) / len(blended), "style_present": _style_rate(blended)}
     style = {
         "present_in_blend": scores[blend]["style_present"],
-        "present_at_1.0_on_unrelated_prompts": _style_rate(style_unrelated),
+        "present_at_1.0_on_unrelated_prompts": _style_rate(style_alone),
         "present_in_base_images_of_the_styled_trigger": _style_rate(base_styled),
         "present_in_subject_images_at_1.0": _style_rate(fresh["sks x 1.0"]),
         "threshold": STRIPES_PRESENT,
@@ -287,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     blend = report["columns"][-1]
     b = report["scores"][blend]
     base_rate = report["style"]["present_in_base_images_of_the_styled_trigger"]
+    alone = report["style"]["present_at_1.0_on_unrelated_prompts"]
+    print(f"zwx x 1.0 on the styled unrelated prompts: style present {alone:.0%}")
     print(f"{blend}: subject recognised {b['recognised']:.0%}, style present {b['style_present']:.0%} "
           f"(in the base's images of the same prompt: {base_rate:.0%})")  # fmt: skip
     print(f"fused vs unfused adapter: max abs pixel difference {report['max_abs_pixel_diff_fused_vs_unfused']:.0f}")
