@@ -203,7 +203,10 @@ class GraloraLinear(PeftGraloraLinear):
                 continue
             a, b = self.gralora_A[name], self.gralora_B[name]
             scale = self.scaling[name] * self.transient_scale
-            x_in = self.gralora_dropout[name](x if autocast or x.dtype == a.dtype else x.to(a.dtype))
+            x_in = x if autocast or x.dtype == a.dtype else x.to(a.dtype)
+            dropout = self.gralora_dropout[name]
+            if not isinstance(dropout, nn.Identity):  # PEFT's Identity at p = 0: a module call saved per layer
+                x_in = dropout(x_in)
             if self.recompute_intermediate and torch.is_grad_enabled():
                 delta = _RecomputedBlockDelta.apply(x_in, a, b)
             else:
