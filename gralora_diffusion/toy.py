@@ -145,9 +145,14 @@ def _tokenizers_and_vocab():
 
 def _toy_unet(
     channels: tuple[int, int] = (32, 64), layers_per_block: int = 1, sample_size: int = 32, latent_channels: int = 4,
-    **extra,
+    attention_levels: int = 1, **extra,
 ):  # fmt: skip
-    """The toy UNet: SDXL's block layout (plain down block, then cross-attention blocks) at toy widths."""
+    """The toy UNet: SDXL's block layout (plain down block, then cross-attention blocks) at toy widths;
+    ``attention_levels=2`` puts cross-attention at the outer level too."""
+    if attention_levels not in (1, 2):
+        raise ValueError(f"attention_levels must be 1 or 2, got {attention_levels}.")
+    outer_down, outer_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_levels == 2 else (
+        "DownBlock2D", "UpBlock2D")  # fmt: skip
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -156,8 +161,8 @@ def _toy_unet(
         out_channels=latent_channels,
         block_out_channels=tuple(channels),
         layers_per_block=layers_per_block,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(outer_down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", outer_up),
         attention_head_dim=(2, 4),
         norm_num_groups=16,
         **extra,
@@ -189,6 +194,7 @@ def build_toy_sdxl_pipeline(
     mid_block: bool = True,
     vae_groups: int = 8,
     latent_channels: int = 4,
+    attention_levels: int = 1,
 ):
     """Return a tiny randomly initialised ``StableDiffusionXLPipeline``; the same seed gives the same weights.
 
@@ -196,8 +202,9 @@ def build_toy_sdxl_pipeline(
     the VAE (the pretrained toy-world base is a wider variant) and the two text encoders (``text_widths``: their hidden
     sizes, which SDXL has unequal, 768 and 1280, and single-file loaders tell apart by; ``vocab_padding``: extra
     embedding rows, for loaders that expect CLIP's 49408-token table); ``mid_block=False`` leaves out SDXL's middle
-    block (the toy-world base spends its compute on a wider attention level instead); ``vae_groups`` and
-    ``latent_channels`` shape the VAE. The defaults are the few-hundred-thousand-parameter model the tests use.
+    block (the toy-world base spends its compute on a wider attention level instead); ``attention_levels=2`` adds
+    transformer blocks at the outer, full-resolution level as well; ``vae_groups`` and ``latent_channels`` shape the
+    VAE. The defaults are the few-hundred-thousand-parameter model the tests use.
     """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -209,6 +216,7 @@ def build_toy_sdxl_pipeline(
         layers_per_block,
         sample_size=64 // 2 ** (len(vae_channels) - 1),
         latent_channels=latent_channels,
+        attention_levels=attention_levels,
         transformer_layers_per_block=tuple(transformer_layers),
         use_linear_projection=True,
         cross_attention_dim=sum(text_widths),  # hidden size of text encoder 1 + text encoder 2, as in SDXL

@@ -421,6 +421,9 @@ def main() -> None:
         "1) instead of one global scaling_factor",
     )  # fmt: skip
     parser.add_argument("--vae_only", action="store_true", help="stop after the VAE (writes the VAE and its report)")
+    parser.add_argument(
+        "--attention_levels", type=int, choices=[1, 2], default=1, help="UNet levels with attention (2: also the outer)"
+    )
     parser.add_argument("--unet_steps", type=int, default=3400)
     parser.add_argument(
         "--unet_dtype", choices=["float16", "float32"], default="float32",
@@ -454,7 +457,8 @@ def main() -> None:
     arch = {"unet_channels": tuple(args.unet_channels), "layers_per_block": args.layers_per_block,
             "vae_channels": tuple(args.vae_channels), "transformer_layers": tuple(args.transformer_layers),
             "text_widths": (args.text_width, args.text_width), "mid_block": bool(args.mid_block),
-            "vae_groups": args.vae_groups, "latent_channels": args.latent_channels}  # fmt: skip
+            "vae_groups": args.vae_groups, "latent_channels": args.latent_channels,
+            "attention_levels": args.attention_levels}  # fmt: skip
     pipe = build_toy_sdxl_pipeline(0, **arch)
     pipe.set_progress_bar_config(disable=True)
     for model in (pipe.text_encoder, pipe.text_encoder_2):

@@ -66,3 +66,26 @@ def test_toy_builders_leave_the_callers_random_stream_alone():
     torch.manual_seed(123)
     build_toy_sdxl_pipeline(5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_attention_at_both_levels_adds_adaptable_attention_at_full_resolution():
+    """``attention_levels=2`` (a probe layout for issue 20): transformer blocks at the outer level too, which the
+    attention preset then adapts; 1 keeps the shipped layout; anything else is one sentence."""
+    import pytest
+
+    from gralora_diffusion.config import find_target_modules
+
+    one = build_toy_sdxl_pipeline(0).unet
+    two = build_toy_sdxl_pipeline(0, attention_levels=2).unet
+    assert one.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert two.config.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert two.config.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    outer_level = ("down_blocks.0.", "up_blocks.1.")
+    assert [n for n in find_target_modules(two, targets) if n.startswith(outer_level)]
+    assert not [n for n in find_target_modules(one, targets) if n.startswith(outer_level)]
+    sample = torch.randn(1, 4, 32, 32)
+    cond = {"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}
+    assert two(sample, 10, torch.randn(1, 5, 64), added_cond_kwargs=cond).sample.shape == sample.shape
+    with pytest.raises(ValueError, match="attention_levels must be 1 or 2"):
+        build_toy_sdxl_pipeline(0, attention_levels=3)
