@@ -172,7 +172,7 @@ def run_demo(
         fresh[f"sks x {weight}"] = generate(pipe, [SUBJECT_PROMPT], eval_seeds, *settings)[0]
     api.set_gralora_adapters(pipe, ["sks", "zwx"], [0.0, 1.0])
     columns["zwx x 1.0"] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
-    per_prompt = eval_seeds[: max(1, eval_images // len(UNRELATED_PROMPTS))]  # 16 fresh styled images in all
+    per_prompt = eval_seeds[: max(1, eval_images // len(UNRELATED_PROMPTS))]  # about eval_images in all
     style_alone = [im for row in generate(pipe, [styled(p) for p in UNRELATED_PROMPTS], per_prompt, *settings)
                    for im in row]  # fmt: skip
     blend = f"sks x 1.0 + zwx x {STYLE_WEIGHT_IN_BLEND}"

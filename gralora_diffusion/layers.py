@@ -93,15 +93,19 @@ def _shuffle(h: torch.Tensor) -> torch.Tensor:
     return h.view(k, n, k, r // k).transpose(0, 2).reshape(k, n, r)
 
 
+def _input_blocks(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., in] as [k(j), n, in/k], input slice j of every row: a strided view (a copy only for a strided x)."""
+    x = x.view(-1, k, x.shape[-1] // k) if x.is_contiguous() else x.reshape(-1, k, x.shape[-1] // k)
+    return x.transpose(0, 1)
+
+
 def _block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GraLoRA's block-routed product for x [..., in], A [k, in/k, r], B [k, r, out/k] (PEFT's layouts): [k, n, out/k].
 
     Input slice j is projected by A[j] to r features; chunk c (r/k wide) of that projection feeds output slice c,
     whose B[c] reads the k chunks (one per input slice) stacked in order of j. n is the number of input rows.
     """
-    k, in_k, _ = a.shape
-    x = x.view(-1, k, in_k) if x.is_contiguous() else x.reshape(-1, k, in_k)
-    h = torch.bmm(x.transpose(0, 1), a)  # [k(j), n, r]: a strided view of x, no copy
+    h = torch.bmm(_input_blocks(x, a.shape[0]), a)  # [k(j), n, r]: read through a strided view of x, no copy
     return torch.bmm(_shuffle(h), b)  # the shuffle is the only re-layout
 
 
@@ -122,8 +126,7 @@ class _RecomputedBlockDelta(torch.autograd.Function):
         x, a, b = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            k, in_k, _ = a.shape
-            xv = (x.view(-1, k, in_k) if x.is_contiguous() else x.reshape(-1, k, in_k)).transpose(0, 1)
+            xv = _input_blocks(x, a.shape[0])
             hs = _shuffle(torch.bmm(xv, a))
             grad_b = torch.bmm(hs.transpose(1, 2), grad) if ctx.needs_input_grad[2] else None
             grad_h = _shuffle(torch.bmm(grad, b.transpose(1, 2)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -71,8 +72,6 @@ def test_toy_builders_leave_the_callers_random_stream_alone():
 def test_attention_at_both_levels_adds_adaptable_attention_at_full_resolution():
     """``attention_levels=2`` (a probe layout for issue 20): transformer blocks at the outer level too, which the
     attention preset then adapts; 1 keeps the shipped layout; anything else is one sentence."""
-    import pytest
-
     from gralora_diffusion.config import find_target_modules
 
     one = build_toy_sdxl_pipeline(0).unet
