@@ -13,7 +13,8 @@ training losses; for the subject at 0.5 and 1.0, the evaluator's similarity to t
 16 fresh trigger-prompt images it recognises as the subject, and the drift on the unrelated prompts; for
 the blend, the share of fresh images recognised as the subject and the share showing the style's stripes
 (``world.stripe_strength``), and the same share for the style alone on fresh images of the styled unrelated prompts;
-the fused-vs-unfused difference and timings.
+the share recognised for the subject alone at 1.0 prompted with the blend's prompt (what the style's words alone
+cost it); the fused-vs-unfused difference and timings. ``--seed`` sets the trainer's seed; the scores vary with it.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yel
 SEEDS = (0, 1)  # the grid's
 EVAL_SEED = 100  # fresh images are judged at seeds 100, 101, ...
 STYLE_WEIGHT_IN_BLEND = 0.7
+SUBJECT_ON_STYLED = "sks x 1.0 on the styled trigger"  # the subject alone, prompted with the style's words too
 # The main job's settings (the command line's defaults).
 DEFAULTS = {
     "train_steps": 300, "style_steps": 200, "rank": 4, "learning_rate": 1e-3, "style_learning_rate": 3e-3,
     "text_encoder_lr": None,
-    "sampling_steps": 20, "guidance": 3.0, "eval_images": 16,
+    "sampling_steps": 20, "guidance": 3.0, "eval_images": 16, "seed": 0,
 }  # fmt: skip
 
 
@@ -68,7 +70,7 @@ def write_style_images(folder: Path, count: int = 6) -> Path:
 
 def train_adapter(
     instances: Path, prompt: str, output_dir: Path, base: str, steps: int, rank: int, learning_rate: float,
-    text_encoder_lr: float | None,
+    text_encoder_lr: float | None, seed: int = 0,
 ):  # fmt: skip
     """Run the DreamBooth trainer (in this process) on a folder of instance images; return its ``TrainResult``."""
     from .training.args import make_config
@@ -78,7 +80,7 @@ def train_adapter(
         pretrained_model_name_or_path=base, instance_data_dir=str(instances), instance_prompt=prompt,
         output_dir=str(output_dir), resolution=64, train_batch_size=4, rank=rank, learning_rate=learning_rate,
         lr_warmup_steps=0, max_train_steps=steps, checkpointing_steps=steps, report_to="none",
-        overwrite_output_dir=True, seed=0,
+        overwrite_output_dir=True, seed=seed,
     )  # fmt: skip
     if text_encoder_lr is not None:
         settings.update(train_text_encoder=True, text_encoder_lr=text_encoder_lr)
@@ -119,6 +121,13 @@ def _pixels(rows: list[list[Image.Image]]) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float32) for row in rows for im in row])
 
 
+def _recognised(evaluator, images: list[Image.Image]) -> float:
+    from .evaluator import judge
+
+    verdict = judge(evaluator, images)
+    return sum(s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])) / len(images)
+
+
 def _style_rate(images: list[Image.Image]) -> float:
     return sum(stripe_strength(im) > STRIPES_PRESENT for im in images) / len(images)
 
@@ -136,22 +145,23 @@ def run_demo(
     sampling_steps: int = DEFAULTS["sampling_steps"],
     guidance: float = DEFAULTS["guidance"],
     eval_images: int = DEFAULTS["eval_images"],
+    seed: int = DEFAULTS["seed"],
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from .evaluator import judge, load_evaluator, subject_scores
+    from .evaluator import load_evaluator, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base("toy-world" if base is None else base)
     t0 = time.perf_counter()
     subject_images = write_subject_images(out_dir / "instances")
     training = train_adapter(subject_images, SUBJECT_PROMPT, out_dir / "sks-shape", base_path, train_steps, rank,
-                             learning_rate, text_encoder_lr)  # fmt: skip
+                             learning_rate, text_encoder_lr, seed)  # fmt: skip
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     style_images = write_style_images(out_dir / "style-instances")
     style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", base_path, style_steps,
-                                   rank, style_learning_rate, text_encoder_lr)  # fmt: skip
+                                   rank, style_learning_rate, text_encoder_lr, seed)  # fmt: skip
     t_train_style = time.perf_counter() - t0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
@@ -170,6 +180,8 @@ def run_demo(
         api.set_gralora_adapters(pipe, ["sks", "zwx"], [weight, 0.0])
         columns[f"sks x {weight}"] = generate(pipe, prompts, SEEDS, *settings)
         fresh[f"sks x {weight}"] = generate(pipe, [SUBJECT_PROMPT], eval_seeds, *settings)[0]
+    # the subject alone (weight 1.0) on the blend's prompt: how much of the blend's loss is the style's words
+    subject_on_styled = generate(pipe, [styled(SUBJECT_PROMPT)], eval_seeds, *settings)[0]
     api.set_gralora_adapters(pipe, ["sks", "zwx"], [0.0, 1.0])
     columns["zwx x 1.0"] = generate(pipe, [styled(p) for p in prompts], SEEDS, *settings)
     per_prompt = eval_seeds[: max(1, eval_images // len(UNRELATED_PROMPTS))]  # about eval_images in all
@@ -193,9 +205,8 @@ def run_demo(
                              base_unrelated)
         for name in fresh
     }  # fmt: skip
-    verdict = judge(evaluator, blended)
-    is_subject = [s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])]
-    scores[blend] = {"recognised": sum(is_subject) / len(blended), "style_present": _style_rate(blended)}
+    scores[SUBJECT_ON_STYLED] = {"recognised": _recognised(evaluator, subject_on_styled)}
+    scores[blend] = {"recognised": _recognised(evaluator, blended), "style_present": _style_rate(blended)}
     style = {
         "present_in_blend": scores[blend]["style_present"],
         "present_at_1.0_on_unrelated_prompts": _style_rate(style_alone),
@@ -219,6 +230,7 @@ def run_demo(
             "rank": rank,
             "learning_rate": learning_rate,
             "text_encoder_lr": text_encoder_lr,
+            "seed": seed,
             "eval_loss_before": training.initial_eval_loss,
             "eval_loss_after": training.final_eval_loss,
             "seconds": t_train,
@@ -258,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval_images", type=int, default=DEFAULTS["eval_images"], help="fresh images judged per setting"
     )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"],
+        help="the trainer's seed for both adapters (noise, timesteps, adapter init); the scores vary with it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report = run_demo(
@@ -272,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         sampling_steps=args.sampling_steps,
         guidance=args.guidance,
         eval_images=args.eval_images,
+        seed=args.seed,
     )
     t, st = report["training"], report["style_training"]
     print(f"base: {report['base']}")
@@ -291,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     b = report["scores"][blend]
     base_rate = report["style"]["present_in_base_images_of_the_styled_trigger"]
     alone = report["style"]["present_at_1.0_on_unrelated_prompts"]
+    on_styled = report["scores"][SUBJECT_ON_STYLED]["recognised"]
+    print(f"{SUBJECT_ON_STYLED} (style at 0): subject recognised {on_styled:.0%}")
     print(f"zwx x 1.0 on the styled unrelated prompts: style present {alone:.0%}")
     print(f"{blend}: subject recognised {b['recognised']:.0%}, style present {b['style_present']:.0%} "
           f"(in the base's images of the same prompt: {base_rate:.0%})")  # fmt: skip

@@ -95,7 +95,7 @@ def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):
                    "--guidance", "2.5", "--eval_images", "3"])  # fmt: skip
     defaults = {"rank": demo.DEFAULTS["rank"], "learning_rate": demo.DEFAULTS["learning_rate"],
                 "style_learning_rate": demo.DEFAULTS["style_learning_rate"],
-                "text_encoder_lr": demo.DEFAULTS["text_encoder_lr"]}  # fmt: skip
+                "text_encoder_lr": demo.DEFAULTS["text_encoder_lr"], "seed": demo.DEFAULTS["seed"]}  # fmt: skip
     assert seen == {
         "out": tmp_path, "base": None, "train_steps": 7, "style_steps": 8, "sampling_steps": 9, "guidance": 2.5,
         "eval_images": 3, **defaults,
