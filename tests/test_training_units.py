@@ -24,6 +24,7 @@ from gralora_diffusion.training.data import (
     prepare_image,
     read_image_folder,
     shard_batches,
+    short_batches_message,
 )
 from gralora_diffusion.training.latents import LatentEncoder
 from gralora_diffusion.training.loss import diffusion_loss, min_snr_weights, sample_noise, snr
@@ -199,6 +200,17 @@ def test_repeats_and_shards_cover_every_item_once(tmp_path):
     shards = [shard_batches(batches, p, 2) for p in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3
     assert sorted(i for s in shards for b in s for i in b) == list(range(12))
+
+
+def test_a_batch_size_above_the_images_is_named(tmp_path):
+    dataset = _dataset(tmp_path, [(32, 32)] * 5, resolution=32)
+    assert max(len(b) for b in epoch_batches(dataset, batch_size=8, epoch=0, seed=0)) == 5  # what the sentence says
+    message = short_batches_message(dataset, 8)
+    assert message is not None and "at most 5" in message and "--repeats 2" in message
+    assert short_batches_message(dataset, 5) is None
+    repeated = _dataset(tmp_path, [(32, 32)] * 5, resolution=32, repeats=2)
+    assert short_batches_message(repeated, 8) is None
+    assert max(len(b) for b in epoch_batches(repeated, batch_size=8, epoch=0, seed=0)) == 8
 
 
 def test_small_images_upscale_with_warning_or_refuse(tmp_path):

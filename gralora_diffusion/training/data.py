@@ -390,6 +390,22 @@ def epoch_batches(
     return batches
 
 
+def short_batches_message(dataset: DreamBoothDataset, batch_size: int) -> str | None:
+    """A sentence when no batch can be as large as ``batch_size`` (batches never mix buckets), else None."""
+    sizes: dict[tuple[int, int], int] = {}
+    for index in range(len(dataset)):
+        bucket = dataset.bucket(index)
+        sizes[bucket] = sizes.get(bucket, 0) + 1
+    largest = max(sizes.values(), default=0)
+    if largest >= batch_size:
+        return None
+    where = "images" if len(sizes) == 1 else f"images in the largest of {len(sizes)} buckets"
+    return (
+        f"--train_batch_size {batch_size} is larger than the {largest} {where}, so every batch holds at most "
+        f"{largest}: add images, use --repeats {math.ceil(batch_size / largest)}, or lower --train_batch_size."
+    )
+
+
 def shard_batches(batches: list[list[int]], process_index: int, num_processes: int) -> list[list[int]]:
     """This process's share of an epoch: every ``num_processes``-th batch, cut so all processes run equally long."""
     usable = len(batches) // num_processes * num_processes or len(batches)

@@ -39,6 +39,7 @@ from .data import (
     read_hf_dataset,
     read_image_folder,
     shard_batches,
+    short_batches_message,
     smaller_than_their_bucket,
     training_buckets,
 )
@@ -435,6 +436,9 @@ class DreamBoothTrainer:
             )
         if self.global_step == 0 and accelerator.is_main_process:
             self.metrics["initial_eval_loss"] = self._eval_loss()
+        short = short_batches_message(self.dataset, args.train_batch_size)
+        if short and accelerator.is_main_process:
+            logger.warning(short)
         logger.info(
             f"{len(self.dataset)} examples, {self.batches_per_epoch} batches/epoch/process, "
             f"{accelerator.num_processes} processes, {self.max_steps} steps, {self.num_epochs} epochs"
