@@ -50,7 +50,7 @@ import torch
 from gralora_diffusion.bases import base_defaults, load_pipeline, resolve_base, shown_path
 from gralora_diffusion.training.loss import denoising_loss
 from gralora_diffusion.training.text import PromptCache
-from gralora_diffusion.world import SUBJECT_COLOR, SUBJECT_PROMPT, SUBJECT_SHAPE
+from gralora_diffusion.world import SUBJECT_PROMPT
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNRELATED = ["a red circle on a white background", "a blue star on a yellow background",
@@ -152,11 +152,9 @@ class Judge:
             "drift": float((1 - (tuned * base).sum(dim=1)).mean()),
         }
         if self.metric == "evaluator":
-            from gralora_diffusion.evaluator import judge
+            from gralora_diffusion.evaluator import judge, recognised_share
 
-            verdict = judge(self.evaluator, subject)
-            hits = [s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(verdict["shape"], verdict["color"])]
-            out["recognised"] = sum(hits) / len(hits)
+            out["recognised"] = recognised_share(judge(self.evaluator, subject))
         return out
 
 

@@ -121,13 +121,6 @@ def _pixels(rows: list[list[Image.Image]]) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float32) for row in rows for im in row])
 
 
-def _recognised(evaluator, images: list[Image.Image]) -> float:
-    from .evaluator import judge
-
-    verdict = judge(evaluator, images)
-    return sum(s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])) / len(images)
-
-
 def _style_rate(images: list[Image.Image]) -> float:
     return sum(stripe_strength(im) > STRIPES_PRESENT for im in images) / len(images)
 
@@ -149,7 +142,7 @@ def run_demo(
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from .evaluator import load_evaluator, subject_scores
+    from .evaluator import judge, load_evaluator, recognised_share, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base("toy-world" if base is None else base)
@@ -205,8 +198,8 @@ def run_demo(
                              base_unrelated)
         for name in fresh
     }  # fmt: skip
-    scores[SUBJECT_ON_STYLED] = {"recognised": _recognised(evaluator, subject_on_styled)}
-    scores[blend] = {"recognised": _recognised(evaluator, blended), "style_present": _style_rate(blended)}
+    scores[SUBJECT_ON_STYLED] = {"recognised": recognised_share(judge(evaluator, subject_on_styled))}
+    scores[blend] = {"recognised": recognised_share(judge(evaluator, blended)), "style_present": _style_rate(blended)}
     style = {
         "present_in_blend": scores[blend]["style_present"],
         "present_at_1.0_on_unrelated_prompts": _style_rate(style_alone),

@@ -70,6 +70,14 @@ def judge(model: ShapeEvaluator, images: list[Image.Image]) -> dict:
     }
 
 
+def recognised_share(verdict: dict) -> float:
+    """Share of the images in a ``judge`` verdict judged to be the held-out subject (a teal moon)."""
+    from .world import SUBJECT_COLOR, SUBJECT_SHAPE
+
+    hits = [s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(verdict["shape"], verdict["color"])]
+    return sum(hits) / len(hits)
+
+
 @torch.no_grad()
 def subject_scores(
     model: ShapeEvaluator,
@@ -85,16 +93,11 @@ def subject_scores(
     ``drift`` (when ``unrelated`` and ``unrelated_base`` are given, pairwise from the same seeds): mean 1 - cosine
     between the tuned and the base model's images of unrelated prompts.
     """
-    from .world import SUBJECT_COLOR, SUBJECT_SHAPE
-
     reference = judge(model, instances)["embedding"]
     subject = judge(model, subject_images)
     scores = {
         "similarity": (subject["embedding"] @ reference.T).mean().item(),
-        "recognised": sum(
-            s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(subject["shape"], subject["color"])
-        )
-        / len(subject_images),
+        "recognised": recognised_share(subject),
     }
     if unrelated is not None and unrelated_base is not None:
         if len(unrelated) != len(unrelated_base):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gralora_diffusion.evaluator import judge, load_evaluator, to_pixels
+from gralora_diffusion.evaluator import judge, load_evaluator, recognised_share, to_pixels
 from gralora_diffusion.toy import build_toy_sdxl_pipeline
 from gralora_diffusion.training.text import PromptCache, encode_prompts
 from gralora_diffusion.world import (
@@ -335,8 +335,8 @@ def subject_round_trip(vae) -> dict:
     decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
     errors = [foreground_colour_error(np.asarray(image), after) for image, after in zip(images, decoded)]
-    recognised = sum(s == "moon" and c == "teal" for s, c in zip(verdict["shape"], verdict["color"])) / 5
-    return {"recognised": recognised, "colour_error": errors, "verdicts": list(zip(verdict["shape"], verdict["color"]))}
+    verdicts = list(zip(verdict["shape"], verdict["color"]))
+    return {"recognised": recognised_share(verdict), "colour_error": errors, "verdicts": verdicts}
 
 
 def vae_summary(round_trip: float, subject_trip: dict) -> str:

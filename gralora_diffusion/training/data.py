@@ -367,6 +367,13 @@ class DreamBoothDataset:
 # --- batching ----------------------------------------------------------------------------------------------------
 
 
+def _indices_by_bucket(dataset: DreamBoothDataset) -> dict[tuple[int, int], list[int]]:
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index in range(len(dataset)):
+        by_bucket.setdefault(dataset.bucket(index), []).append(index)
+    return by_bucket
+
+
 def epoch_batches(
     dataset: DreamBoothDataset, batch_size: int, epoch: int, seed: int, shuffle: bool = True
 ) -> list[list[int]]:
@@ -375,9 +382,7 @@ def epoch_batches(
     Items are shuffled within their bucket, cut into batches (a bucket's last batch may be smaller), and the batches
     shuffled, so the same bucket does not run in one long streak.
     """
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index in range(len(dataset)):
-        by_bucket.setdefault(dataset.bucket(index), []).append(index)
+    by_bucket = _indices_by_bucket(dataset)
     rng = random.Random(f"{seed}:{epoch}:batches")
     batches = []
     for bucket in sorted(by_bucket):
@@ -392,14 +397,11 @@ def epoch_batches(
 
 def short_batches_message(dataset: DreamBoothDataset, batch_size: int) -> str | None:
     """A sentence when no batch can be as large as ``batch_size`` (batches never mix buckets), else None."""
-    sizes: dict[tuple[int, int], int] = {}
-    for index in range(len(dataset)):
-        bucket = dataset.bucket(index)
-        sizes[bucket] = sizes.get(bucket, 0) + 1
-    largest = max(sizes.values(), default=0)
-    if largest >= batch_size:
+    by_bucket = _indices_by_bucket(dataset)
+    largest = max(map(len, by_bucket.values()), default=0)
+    if largest == 0 or largest >= batch_size:
         return None
-    where = "images" if len(sizes) == 1 else f"images in the largest of {len(sizes)} buckets"
+    where = "images" if len(by_bucket) == 1 else f"images in the largest of {len(by_bucket)} buckets"
     return (
         f"--train_batch_size {batch_size} is larger than the {largest} {where}, so every batch holds at most "
         f"{largest}: add images, use --repeats {math.ceil(batch_size / largest)}, or lower --train_batch_size."
