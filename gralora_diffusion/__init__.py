@@ -50,7 +50,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "peft_ops": ("adapter_state_dict", "add_gralora_adapter", "gralora_config_of"),
     "families": ("ModelFamily", "family_of"),
-    "layers": ("GraloraLinear", "inject_gralora"),
+    "layers": ("GraloraConv2d", "GraloraLinear", "inject_gralora"),
     "pipeline": ("GraloraPipelineMixin", "with_gralora"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -16,6 +16,7 @@ from peft import GraloraConfig
 from torch import nn
 
 from .families import PRESETS
+from .layers import conv_unsupported
 
 # Preset name -> module-name suffixes, for every model family (see ``families``); kept here under its public name.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = PRESETS
@@ -106,19 +107,27 @@ def find_target_modules(model: nn.Module, targets: Iterable[str] | str) -> dict[
     return found
 
 
-def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a linear layer or of the base of a PEFT layer wrapping one, else None."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def adapted_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of the linear map GraLoRA adapts in ``module`` (or in the base of a PEFT layer wrapping one): a
+    linear layer's features, or a 2-D convolution's (in_channels x kh x kw, out_channels); None for anything else."""
+    base = _base(module)
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
+    if isinstance(base, nn.Conv2d):
+        return base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
     return None
 
 
 def check_gralora_fits(model: nn.Module, config: GraloraConfig, component: str = "model") -> list[str]:
     """Check that ``config`` can be injected into ``model``; return the names of the modules it will adapt.
 
-    Raises ``GraloraConfigError`` naming the first offending layer (with its sizes) when a target is not a linear
-    layer, when its in/out features are not divisible by k, or when nothing matches. Changes nothing.
+    Raises ``GraloraConfigError`` naming the first offending layer (with its sizes) when a target is neither a linear
+    layer nor a plain 2-D convolution, when its in/out features (a convolution's channels) are not divisible by k, or
+    when nothing matches. Changes nothing.
     """
     k, r = config.gralora_k, config.r
     if r % k != 0:
@@ -130,16 +139,23 @@ def check_gralora_fits(model: nn.Module, config: GraloraConfig, component: str =
             "check the target names against the model's module names."
         )
     for name, module in modules.items():
-        features = linear_features(module)
-        if features is None:
+        base = _base(module)
+        if adapted_features(module) is None:
             raise GraloraConfigError(
-                f"{component}.{name} is a {type(module).__name__}, not a linear layer; GraLoRA adapts nn.Linear "
-                "only, so remove it from the targets."
+                f"{component}.{name} is a {type(module).__name__}, neither a linear layer nor a 2-D convolution; "
+                "GraLoRA adapts nn.Linear and nn.Conv2d only, so remove it from the targets."
             )
-        in_f, out_f = features
+        if isinstance(base, nn.Conv2d):
+            reason = conv_unsupported(base)
+            if reason:
+                raise GraloraConfigError(f"{component}.{name} is {reason}, which GraLoRA does not adapt; remove it "
+                                         "from the targets.")  # fmt: skip
+            sizes, in_f, out_f = "in_channels={}, out_channels={}", base.in_channels, base.out_channels
+        else:
+            sizes, in_f, out_f = "in_features={}, out_features={}", base.in_features, base.out_features
         if in_f % k or out_f % k:
             raise GraloraConfigError(
-                f"{component}.{name} has in_features={in_f}, out_features={out_f}, not both divisible by "
-                f"gralora_k={k}; choose a k that divides both or leave this layer out of the targets."
+                f"{component}.{name} has {sizes.format(in_f, out_f)}, not both divisible by gralora_k={k}; choose a "
+                "k that divides both or leave this layer out of the targets."
             )
     return sorted(modules)

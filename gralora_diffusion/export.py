@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ from .families import family_named, family_of_components
 from .fs import write_file_atomically
 from .io import AdapterFile, read_adapter
 from .layers import gralora_layers
-from .names import CLIP_PREFIX
+from .names import CLIP_PREFIX, resolve_module_name
 from .original_layout import LayoutError, NotInUNetLayout, SgmNaming, original_state_dict
 from .peft_ops import check_fits
 
@@ -119,6 +120,37 @@ def _rebuild(adapter: AdapterFile, component: str, modules: list[str]) -> nn.Mod
     return root
 
 
+# A ResNet block's two convolutions in diffusers' UNets (3 x 3 in every SD 1.x / SDXL UNet): what the
+# ``attention-conv`` target adapts besides linear layers.
+_RESNET_CONV = re.compile(r"(?:^|\.)resnets\.\d+\.conv[12]$")
+
+
+def conv_kernels(
+    adapter: AdapterFile, models: Mapping[str, nn.Module] | None = None
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(component, module) -> (kh, kw) for every 2-D convolution ``adapter`` adapts (the file stores a convolution's
+    factors over its flattened weight [out, in * kh * kw], so its kernel comes from the base). Read from ``models``
+    (the base's modules, e.g. ``base_skeleton``) where they have the component, else from diffusers' UNet layout: a
+    ResNet block's ``conv1`` / ``conv2`` is 3 x 3; any other convolution-like name then needs the base."""
+    kernels = {}
+    for component in adapter.components:
+        model = (models or {}).get(component)
+        named = dict(model.named_modules()) if model is not None else None
+        for module in adapter.module_names(component):
+            if named is not None:
+                found = named.get(resolve_module_name(named, module) or "")
+                if isinstance(found, nn.Conv2d):
+                    kernels[component, module] = tuple(found.kernel_size)
+            elif component == "unet" and _RESNET_CONV.search(module):
+                kernels[component, module] = (3, 3)
+            elif module.rsplit(".", 1)[-1].startswith("conv"):
+                raise ExportError(
+                    f"{adapter.source} adapts {component}.{module}, whose kernel size only the base model can tell; "
+                    "pass the base with --base."
+                )
+    return kernels
+
+
 def lossless_ranks(adapter: AdapterFile, component: str) -> dict[str, tuple[int, int, int]]:
     """Per adapted module of ``component``: (lossless LoRA rank min(k*r + hybrid_r, in, out), in, out)."""
     cfg = adapter.configs[component]
@@ -147,9 +179,13 @@ def to_lora(
     energy: float | None = None,
     exact: bool = False,
     dtype: torch.dtype = torch.float32,
+    kernels: Mapping[tuple[str, str], tuple[int, int]] | None = None,
 ) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], list[ComponentReport]]:
     """Per component and module, LoRA factors (A [rank, in], B [out, rank], scale baked in, in ``dtype``) and a
     report of the relative Frobenius error of ``B @ A`` against the GraLoRA delta, measured on the ``dtype`` factors.
+    A 2-D convolution's factors are a LoCon pair, as PEFT's LoRA and kohya store it: A [rank, in, kh, kw] (a kh x kw
+    convolution) and B [out, rank, 1, 1]; ``kernels`` ((component, module) -> (kh, kw)) defaults to
+    ``conv_kernels(adapter)``.
 
     Exactly one of ``rank`` (the same rank everywhere), ``energy`` (per layer, the smallest rank keeping this share of
     the squared singular values) or ``exact`` (the lossless rank k*r + hybrid_r, capped by the layer's size).
@@ -157,6 +193,8 @@ def to_lora(
     _check_method(rank, energy, exact)
     if not isinstance(adapter, AdapterFile):
         adapter = read_adapter(adapter)
+    if kernels is None:
+        kernels = conv_kernels(adapter)
     layer_ranks = {component: lossless_ranks(adapter, component) for component in adapter.components}
     if rank is not None:
         for component, layers in layer_ranks.items():
@@ -181,10 +219,12 @@ def to_lora(
             for name, layer in gralora_layers(root):
                 a = lora_sd[f"{name}.lora_A.weight"].to(dtype).contiguous()
                 b = lora_sd[f"{name}.lora_B.weight"].to(dtype).contiguous()
-                factors[component][name] = (a, b)
                 delta = layer.get_delta_weight("default").double()
                 residual = delta - b.double() @ a.double()
                 errors[name] = (residual.square().sum().item(), delta.square().sum().item())
+                if (component, name) in kernels:  # a LoCon pair: kh x kw down, 1 x 1 up
+                    a, b = a.reshape(a.shape[0], -1, *kernels[component, name]), b[:, :, None, None].contiguous()
+                factors[component][name] = (a, b)
         num, den = sum(e for e, _ in errors.values()), sum(d for _, d in errors.values())
         reports.append(
             ComponentReport(
@@ -426,13 +466,17 @@ def export_lora(
     adapter, out_path, dtype = _read_for_export(adapter, out_path, dtype)
     names = None
     naming_source = ""
+    models = None
     if layout == "kohya":
         base_layout = resolve_base_layout(adapter, base)
         names = kohya_names(adapter, base_layout)
         naming_source = base_layout.source
+        models = base_layout.models
     elif base is not None:
-        check_fits(base_skeleton(base), adapter)
-    factors, reports = to_lora(adapter, rank=rank, energy=energy, exact=exact, dtype=dtype)
+        models = base_skeleton(base)
+        check_fits(models, adapter)
+    kernels = conv_kernels(adapter, models)
+    factors, reports = to_lora(adapter, rank=rank, energy=energy, exact=exact, dtype=dtype, kernels=kernels)
     tensors = lora_tensors(factors, layout, names)
     metadata = {
         "format": "pt",

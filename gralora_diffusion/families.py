@@ -16,6 +16,9 @@ from typing import Any
 # preset adds the feed-forward (GEGLU input projection and output linear) and the linear proj_in / proj_out.
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_WIDE = UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# LoCon-style: the attention projections plus both 3x3 convolutions of every ResNet block (``GraloraConv2d``), where
+# a UNet draws shapes at the resolutions that have no attention.
+UNET_ATTENTION_CONV = UNET_ATTENTION + ("conv1", "conv2")
 # SD3's MMDiT: the image stream's and the text stream's attention projections (diffusers' SD3 LoRA script targets);
 # the wider preset adds both streams' feed-forward.
 MMDIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -30,6 +33,7 @@ T5_WIDE = T5_ATTENTION + ("wi_0", "wi_1", "wo")
 PRESETS: dict[str, tuple[str, ...]] = {
     "unet-attention": UNET_ATTENTION,
     "unet-wide": UNET_WIDE,
+    "unet-attention-conv": UNET_ATTENTION_CONV,
     "mmdit-attention": MMDIT_ATTENTION,
     "mmdit-wide": MMDIT_WIDE,
     "text-encoder-attention": CLIP_ATTENTION,
@@ -64,6 +68,7 @@ class ModelFamily:
         return {self.denoiser: denoiser, **dict.fromkeys(self.text_encoders, text_encoders)}
 
 
+_UNET = {"attention": "unet-attention", "wide": "unet-wide", "attention-conv": "unet-attention-conv"}
 _CLIP = {"attention": "text-encoder-attention", "wide": "text-encoder-wide"}
 
 SD1 = ModelFamily(
@@ -75,7 +80,7 @@ SD1 = ModelFamily(
     ),
     denoiser="unet",
     text_encoders=("text_encoder",),
-    presets={"unet": {"attention": "unet-attention", "wide": "unet-wide"}, "text_encoder": _CLIP},
+    presets={"unet": _UNET, "text_encoder": _CLIP},
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
     default_guidance=7.5,
 )
@@ -89,7 +94,7 @@ SDXL = ModelFamily(
     denoiser="unet",
     text_encoders=("text_encoder", "text_encoder_2"),
     presets={
-        "unet": {"attention": "unet-attention", "wide": "unet-wide"},
+        "unet": _UNET,
         "text_encoder": _CLIP,
         "text_encoder_2": _CLIP,
     },

@@ -374,6 +374,11 @@ def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
     return path
 
 
+def _is_conv_name(module: str) -> bool:
+    """A module the package adapts as ``GraloraConv2d``: diffusers names every UNet convolution ``conv*``."""
+    return module.rsplit(".", 1)[-1].startswith("conv")
+
+
 def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str | os.PathLike) -> Path:
     """Write each component as a standard PEFT adapter folder (``directory/<component>/``).
 
@@ -385,6 +390,13 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
+    convs = [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c) if _is_conv_name(m)]
+    if convs:
+        raise AdapterFileError(
+            f"{adapter.source} adapts convolutions ({convs[0]}, ...), which PEFT's GraLoRA (linear layers only) cannot "
+            "load; load it with load_gralora_weights, or export a LoRA (gralora export --to diffusers), which PEFT's "
+            "LoRA loads."
+        )
 
     def write(tmp: Path) -> None:
         for component, sd in adapter.state_dicts.items():

@@ -15,7 +15,12 @@ subclass adds what image generation needs, without patching PEFT's class:
   residual add, and no fp32 round trip of x under autocast. Optionally (``recompute_intermediate``) the k*r-wide
   intermediate is recomputed in backward instead of stored.
 
-``inject_gralora`` puts this layer into a model through PEFT's own injection machinery (a ``GraloraModel`` subclass
+* **Convolutions (LoCon-style).** ``GraloraConv2d`` adapts an ``nn.Conv2d`` read as the linear map it is: from an
+  input patch (in_channels x kh x kw, flattened channel-major, the order of the conv weight's own flattening) to
+  out_channels. PEFT's parameters, state dict layout and ``get_delta_weight`` then apply unchanged to that flattened
+  weight (``in_features`` = in_channels x kh x kw), and the k input blocks are k groups of whole input channels.
+
+``inject_gralora`` puts these layers into a model through PEFT's own injection machinery (a ``GraloraModel`` subclass
 whose only change is the layer class it creates).
 """
 
@@ -33,6 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 __all__ = [
+    "GraloraConv2d",
     "GraloraLayer",
     "GraloraLinear",
     "adapter_weight",
@@ -204,38 +210,108 @@ class GraloraLinear(PeftGraloraLinear):
         for name in self.active_adapters:
             if name not in self.gralora_A:
                 continue
-            a, b = self.gralora_A[name], self.gralora_B[name]
-            scale = self.scaling[name] * self.transient_scale
-            x_in = x if autocast or x.dtype == a.dtype else x.to(a.dtype)
+            x_in = x if autocast or x.dtype == self.gralora_A[name].dtype else x.to(self.gralora_A[name].dtype)
             dropout = self.gralora_dropout[name]
             if not isinstance(dropout, nn.Identity):  # PEFT's Identity at p = 0: a module call saved per layer
                 x_in = dropout(x_in)
-            if self.recompute_intermediate and torch.is_grad_enabled():
-                delta = _RecomputedBlockDelta.apply(x_in, a, b)
-            else:
-                delta = _block_delta(x_in, a, b)
-            k = a.shape[0]
-            if delta.dtype != result.dtype:
-                delta = delta.to(result.dtype)
-            # the output re-layout and the scale both ride on the residual add: no copy, no extra multiply
-            out = result.view(-1, k, self.out_features // k).add(delta.transpose(0, 1), alpha=scale)
-            result = out.view(result.shape)
-            if self.hybrid_r[name] > 0:
-                a_general = self.gralora_A_general[name].weight
-                b_general = self.gralora_B_general[name].weight
-                hybrid = nn.functional.linear(nn.functional.linear(x_in, a_general), b_general * scale)
-                result = result + (hybrid if hybrid.dtype == result.dtype else hybrid.to(result.dtype))
+            result = self._add_adapter(result, x_in, name, self.scaling[name] * self.transient_scale)
+        return result
+
+    def _add_adapter(self, result: torch.Tensor, x_in: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        """``result`` plus ``scale`` times adapter ``name``'s update of ``x_in``."""
+        a, b = self.gralora_A[name], self.gralora_B[name]
+        if self.recompute_intermediate and torch.is_grad_enabled():
+            delta = _RecomputedBlockDelta.apply(x_in, a, b)
+        else:
+            delta = _block_delta(x_in, a, b)
+        k = a.shape[0]
+        if delta.dtype != result.dtype:
+            delta = delta.to(result.dtype)
+        # the output re-layout and the scale both ride on the residual add: no copy, no extra multiply
+        out = result.view(-1, k, self.out_features // k).add(delta.transpose(0, 1), alpha=scale)
+        result = out.view(result.shape)
+        if self.hybrid_r[name] > 0:
+            a_general = self.gralora_A_general[name].weight
+            b_general = self.gralora_B_general[name].weight
+            hybrid = nn.functional.linear(nn.functional.linear(x_in, a_general), b_general * scale)
+            result = result + (hybrid if hybrid.dtype == result.dtype else hybrid.to(result.dtype))
         return result
 
 
+def conv_unsupported(conv: nn.Conv2d) -> str | None:
+    """Why ``GraloraConv2d`` cannot adapt ``conv`` (a phrase), or None when it can."""
+    if conv.groups != 1:
+        return f"a grouped convolution (groups={conv.groups})"
+    if conv.padding_mode != "zeros":
+        return f"a convolution with padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"a convolution with padding={conv.padding!r}"
+    return None
+
+
+class GraloraConv2d(GraloraLinear):
+    """GraLoRA on an ``nn.Conv2d``: PEFT's GraLoRA of the conv's flattened weight [out, in * kh * kw].
+
+    Input block j is input channels j*in/k .. (j+1)*in/k - 1 with all their kernel taps, so the forward is two
+    convolutions, the LoCon pattern with GraLoRA's routing: a grouped kh x kw convolution (groups = k, the base conv's
+    stride, padding and dilation) from each input block to its r features, the k x k block shuffle of those k*r
+    channels, and a grouped 1 x 1 convolution (groups = k) from each output block's r features to its out/k channels.
+    Parameters, FLOPs and the k*r-wide intermediate are those of the linear layer on an unfolded input. Hybrid
+    GraLoRA's LoRA part is a kh x kw convolution to ``hybrid_r`` channels and a 1 x 1 back. Merge, unmerge and blend
+    weights are PEFT's and ``GraloraLinear``'s, through ``get_delta_weight`` reshaped to the conv weight's shape.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, module_name: str, config: GraloraConfig, r: int = 0,
+                 **kwargs) -> None:  # fmt: skip
+        nn.Module.__init__(self)
+        conv = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        kh, kw = conv.kernel_size
+        # PEFT's GraloraLayer reads its sizes from a linear base layer: give it the conv's linear view (a weightless
+        # stand-in on the meta device), then put the real convolution in its place before any adapter is made.
+        flat = nn.Linear(conv.in_channels * kh * kw, conv.out_channels, bias=False, device="meta")
+        GraloraLayer.__init__(self, flat, **kwargs)
+        self.base_layer = base_layer
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, module_name, r, config=config)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
+
+    def _add_adapter(self, result: torch.Tensor, x_in: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        conv = self.get_base_layer()
+        geometry = (conv.stride, conv.padding, conv.dilation)
+        a, b = self.gralora_A[name], self.gralora_B[name]  # [k, in/k * kh * kw, r], [k, r, out/k]
+        k, r = a.shape[0], a.shape[2]
+        # input block j -> its r features (chunk c of them, r/k wide, feeds output block c)
+        down = a.transpose(1, 2).reshape(k * r, conv.in_channels // k, *conv.kernel_size)
+        h = nn.functional.conv2d(x_in, down, None, *geometry, groups=k)  # channels (j, c, r/k)
+        n, _, height, width = h.shape
+        h = h.view(n, k, k, r // k, height, width).transpose(1, 2).reshape(n, k * r, height, width)  # (c, j, r/k)
+        up = b.transpose(1, 2).reshape(self.out_features, r, 1, 1)  # output block c reads its (j, r/k) features
+        delta = nn.functional.conv2d(h, up, groups=k)
+        if self.hybrid_r[name] > 0:
+            a_general = self.gralora_A_general[name].weight.view(-1, conv.in_channels, *conv.kernel_size)
+            b_general = self.gralora_B_general[name].weight[:, :, None, None]
+            delta = delta + nn.functional.conv2d(nn.functional.conv2d(x_in, a_general, None, *geometry), b_general)
+        return result.add(delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
+
+
 class _PackageGraloraTuner(GraloraModel):
-    """PEFT's GraLoRA injection, creating the package's ``GraloraLinear`` instead of PEFT's ``Linear``."""
+    """PEFT's GraLoRA injection, creating the package's ``GraloraLinear`` (or ``GraloraConv2d``) layers."""
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, module_name, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Conv2d):
+            reason = conv_unsupported(base)
+            if reason:
+                raise TypeError(f"GraLoRA cannot adapt {module_name}: it is {reason}.")
+            return GraloraConv2d(target, adapter_name, module_name, config=config, **kwargs)
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"GraLoRA adapts nn.Linear layers only; {module_name} is a {type(base).__name__}.")
+            raise TypeError(
+                f"GraLoRA adapts nn.Linear and nn.Conv2d layers only; {module_name} is a {type(base).__name__}."
+            )
         return GraloraLinear(target, adapter_name, module_name, config=config, **kwargs)
 
 
@@ -258,6 +334,8 @@ def use_memory_lean_training(model: nn.Module, enabled: bool = True) -> int:
     """
     count = 0
     for _, layer in gralora_layers(model):
+        if isinstance(layer, GraloraConv2d):  # its intermediate is a convolution's output, always stored
+            continue
         if isinstance(layer, GraloraLinear) and layer.recompute_intermediate != enabled:
             layer.recompute_intermediate = enabled
             count += 1

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .config import check_gralora_fits, linear_features
+from .config import adapted_features, check_gralora_fits
 from .layers import GraloraLayer, gralora_layers, inject_gralora
 from .names import resolve_module_name
 
@@ -28,7 +28,8 @@ class GraloraAdapterError(ValueError):
 
 def check_fits(models: Mapping[str, nn.Module], adapter: AdapterFile) -> None:
     """Every component of ``adapter`` is in ``models`` ({component: model}) and every adapted module exists there
-    as a linear layer with the shapes the adapter was trained on; else one sentence naming the first mismatch."""
+    as a linear or convolution layer with the shapes the adapter was trained on; else one sentence naming the first
+    mismatch."""
     for component in adapter.components:
         if component not in models:
             raise GraloraAdapterError(
@@ -47,11 +48,11 @@ def check_fits(models: Mapping[str, nn.Module], adapter: AdapterFile) -> None:
                     f"{adapter.source} adapts {component}.{module_name}, which this pipeline does not have; the "
                     f"adapter was trained on another base model ({adapter.base_model or 'unrecorded'})."
                 )
-            features = linear_features(module)
+            features = adapted_features(module)
             if features is None:
                 raise GraloraAdapterError(
                     f"{adapter.source} adapts {component}.{module_name}, which is a {type(module).__name__} here, "
-                    "not a linear layer; the adapter was trained on another base model."
+                    "neither a linear layer nor a 2-D convolution; the adapter was trained on another base model."
                 )
             if features != expected:
                 raise GraloraAdapterError(

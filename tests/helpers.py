@@ -120,5 +120,5 @@ def apply_explicit_blend(pipe, adapters: list[tuple[Path, dict[str, float]]]) ->
                     sd.get(f"{module_name}.gralora_A_general.weight"),
                     sd.get(f"{module_name}.gralora_B_general.weight"),
                 )
-                with torch.no_grad():
-                    layer.weight.add_(delta.to(layer.weight.dtype))
+                with torch.no_grad():  # a convolution's delta is over its flattened weight [out, in * kh * kw]
+                    layer.weight.add_(delta.reshape(layer.weight.shape).to(layer.weight.dtype))

@@ -71,10 +71,15 @@ def comfy_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("comfy-base")
     pipe = comfy_toy(0)
     pipe.save_pretrained(folder / "base")
-    adapter = make_adapter_file(
-        folder / "hybrid.safetensors", seed=5, rank=8, gralora_k=2, hybrid_r=2, pipeline_builder=comfy_toy
-    )
-    return folder / "base", original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2), adapter
+    adapters = {
+        "hybrid": make_adapter_file(
+            folder / "hybrid.safetensors", seed=5, rank=8, gralora_k=2, hybrid_r=2, pipeline_builder=comfy_toy
+        ),
+        # LoCon-style: also every ResNet block's conv1 / conv2 (ComfyUI's in_layers.2 / out_layers.3)
+        "conv": make_adapter_file(folder / "conv.safetensors", seed=6, rank=4, gralora_k=2, hybrid_r=2,
+                                  unet_targets="unet-attention-conv", pipeline_builder=comfy_toy),
+    }  # fmt: skip
+    return folder / "base", original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2), adapters
 
 
 def diffusers_deltas(base: Path, adapter: Path, weight: float) -> dict[str, dict[str, torch.Tensor]]:
@@ -131,9 +136,11 @@ def relative_errors(expected: dict, got: dict) -> dict[str, float]:
     return errors
 
 
+@pytest.mark.parametrize("kind", ["hybrid", "conv"])
 @pytest.mark.parametrize("layout", ["comfyui", "kohya"])
-def test_comfyui_applies_export_like_diffusers(layout, comfy_base, tmp_path, caplog, capsys):
-    base, state_dict, adapter = comfy_base
+def test_comfyui_applies_export_like_diffusers(layout, kind, comfy_base, tmp_path, caplog, capsys):
+    base, state_dict, adapters = comfy_base
+    adapter = adapters[kind]
     out = tmp_path / f"{layout}.safetensors"
     method = ["--exact"] if layout == "kohya" else []
     assert cli.main(["export", str(adapter), "--to", layout, *method, "--base", str(base), "-o", str(out)]) == 0
@@ -201,7 +208,8 @@ def test_single_file_text_encoders_load_in_comfyui(comfy_base):
 def test_the_diffusers_layout_loses_the_unet_in_comfyui_as_the_command_says(comfy_base, tmp_path, caplog, capsys):
     """Why `--to diffusers` points ComfyUI users elsewhere: ComfyUI maps its text-encoder keys but none of its UNet
     attention keys (measured, so that the note stays true)."""
-    base, state_dict, adapter = comfy_base
+    base, state_dict, adapters = comfy_base
+    adapter = adapters["hybrid"]
     out = tmp_path / "diffusers.safetensors"
     assert cli.main(["export", str(adapter), "--to", "diffusers", "--exact", "--base", str(base), "-o", str(out)]) == 0
     assert "use --to kohya (a LoRA) or --to comfyui" in capsys.readouterr().out

@@ -359,3 +359,32 @@ def test_kohya_export_refuses_a_module_outside_the_unet_layout(tmp_path):
     with pytest.raises(ExportError, match=r"does not exist in the UNet of SDXL.*pass the adapter's base model"):
         export_lora(adapter, tmp_path / "k.safetensors", "kohya", exact=True)
     assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def conv_adapter(tmp_path_factory):
+    """r=4, k=2, hybrid_r=2 on the attention projections and every ResNet block's conv1 / conv2 (LoCon-style)."""
+    return make_adapter_file(
+        tmp_path_factory.mktemp("conv") / "conv.safetensors",
+        seed=6, rank=4, gralora_k=2, hybrid_r=2, unet_targets="unet-attention-conv", b_scale=0.2,
+    )  # fmt: skip
+
+
+# without --base the kernels come from diffusers' UNet layout (kohya needs the base for the toy's block names anyway)
+@pytest.mark.parametrize("layout,with_base", [("diffusers", True), ("diffusers", False), ("kohya", True)])
+def test_exact_export_of_convolutions_is_a_locon_diffusers_loads(conv_adapter, tmp_path, layout, with_base):
+    out = tmp_path / f"{layout}.safetensors"
+    base = resolve_base("toy") if with_base else None
+    result = export_lora(conv_adapter, out, layout, exact=True, base=base)
+    assert max(r.relative_error for r in result.components) < 1e-5
+    lora = load_file(out)
+    downs = {k: v for k, v in lora.items() if k.endswith(("lora_A.weight", "lora_down.weight")) and "unet" in k}
+    convs = {k: v for k, v in downs.items() if v.ndim == 4}
+    conv1 = [k for k in downs if "conv1" in k or "in_layers" in k]
+    assert conv1 and len(convs) == 2 * len(conv1)  # conv1 and conv2 of every ResNet block, and nothing else
+    for key, down in convs.items():
+        up = lora[key.replace("lora_A", "lora_B").replace("lora_down", "lora_up")]
+        assert down.shape[2:] == (3, 3) and up.shape[2:] == (1, 1) and up.shape[1] == down.shape[0]
+    reference = gralora_pipe(conv_adapter)
+    assert (unet_out(reference) - unet_out(build_toy_sdxl_pipeline(0))).abs().max() > 1e-2
+    torch.testing.assert_close(unet_out(lora_pipe(out)), unet_out(reference), atol=1e-4, rtol=1e-4)

@@ -301,6 +301,21 @@ def test_hf_dataset_captions_and_tensorboard_logging(toy_base, instance_dir, tmp
     assert acc.Tags()["images"]
 
 
+def test_the_attention_conv_target_trains_every_resnet_convolution_under_bf16(toy_base, instance_dir, tmp_path):
+    out = tmp_path / "conv"
+    train(toy_base, instance_dir, out, "--max_train_steps=2", "--unet_target=attention-conv", "--mixed_precision=bf16",
+          "--output_name=conv", "--learning_rate=1e-3")  # fmt: skip
+    adapter = gd.read_adapter(out / "conv.safetensors")
+    names = adapter.module_names("unet")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(toy_base, subfolder="unet")
+    convs = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and n.endswith((".conv1", ".conv2"))]
+    assert convs and set(convs) <= set(names) and any(n.endswith("to_q") for n in names)
+    sd = adapter.state_dicts["unet"]
+    assert all(sd[f"{n}.gralora_B"].abs().max() > 0 for n in convs)  # B starts at zero: every conv was trained
+
+
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_saves_nothing(toy_base, instance_dir, tmp_path):
     """AdamW moves every weight by about the learning rate per step: at 1e30 the adapter overflows after step 1."""
     out = tmp_path / "diverged"
@@ -329,6 +344,7 @@ def test_resuming_with_other_settings_is_one_sentence_before_loading(toy_base, i
         (["--rank=8", "--alpha=4"], "checkpoint-2 was trained with alpha 16 but this run asks for 4"),
         (["--rank=8", "--train_text_encoder"], "checkpoint-2 was trained without --train_text_encoder"),
         (["--rank=8", "--unet_target=wide"], "checkpoint-2 was trained with --unet_target attention but this run"),
+        (["--rank=8", "--unet_target=attention-conv"], "--unet_target attention but this run asks for attention-conv"),
     ):
         capsys.readouterr()
         assert train_main([*base, *extra]) == 2

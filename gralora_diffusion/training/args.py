@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hybrid_r", type=int, default=0, help="rank of an extra shared LoRA (added on top of r)")
     g.add_argument("--alpha", type=float, default=None, help="scale numerator; default 2 * rank")
     g.add_argument("--lora_dropout", "--gralora_dropout", dest="gralora_dropout", type=float, default=0.0)
-    g.add_argument("--unet_target", default="attention", choices=["attention", "wide"])
+    g.add_argument(
+        "--unet_target", default="attention", choices=["attention", "wide", "attention-conv"],
+        help="attention: the attention projections; wide: also feed-forward and proj_in/out; attention-conv: the "
+        "attention projections and every ResNet block's two 3x3 convolutions (LoCon-style, same rank)",
+    )  # fmt: skip
     g.add_argument("--train_text_encoder", action="store_true")
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
     g.add_argument(
@@ -176,11 +180,25 @@ def check_args(args) -> None:
         check_resume_compatible(args, resume)
 
 
+def unet_target_of(module_names) -> str:
+    """The ``--unet_target`` that adapts exactly the UNet modules ``module_names`` has (by their last names)."""
+    from ..families import UNET_ATTENTION, UNET_ATTENTION_CONV, UNET_WIDE
+
+    def only(preset) -> tuple[str, ...]:
+        return tuple(f".{m}" for m in preset if m not in UNET_ATTENTION)
+
+    names = list(module_names)
+    if any(name.endswith(only(UNET_ATTENTION_CONV)) for name in names):
+        return "attention-conv"
+    if any(name.endswith(only(UNET_WIDE)) for name in names):
+        return "wide"
+    return "attention"
+
+
 def check_resume_compatible(args, checkpoint: Path) -> None:
     """The checkpoint was trained with this run's adapter settings and base; else one sentence naming the
     difference (instead of PEFT's shape-mismatch traceback after the models have loaded)."""
     from ..config import default_gralora_k
-    from ..families import UNET_ATTENTION, UNET_WIDE
     from ..io import read_adapter
     from .checkpoint import ADAPTER_NAME
 
@@ -199,12 +217,11 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
                 f"{checkpoint.name} was trained with {name} {found[name]:g} but this run asks for {value:g}; resume "
                 "with the same settings or start a new --output_dir."
             )
-    extra = tuple(f".{m}" for m in UNET_WIDE if m not in UNET_ATTENTION)  # what only the wide preset adapts
-    wide = any(name.endswith(extra) for name in adapter.module_names("unet"))
-    if wide != (args.unet_target == "wide"):
+    trained_target = unet_target_of(adapter.module_names("unet"))
+    if trained_target != args.unet_target:
         raise TrainingDataError(
-            f"{checkpoint.name} was trained with --unet_target {'wide' if wide else 'attention'} but this run asks "
-            f"for {args.unet_target}; resume with the same setting or start a new --output_dir."
+            f"{checkpoint.name} was trained with --unet_target {trained_target} but this run asks for "
+            f"{args.unet_target}; resume with the same setting or start a new --output_dir."
         )
     if ("text_encoder" in adapter.components) != bool(args.train_text_encoder):
         trained = "with" if "text_encoder" in adapter.components else "without"

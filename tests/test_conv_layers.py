@@ -1,0 +1,152 @@
+"""GraLoRA on 2-D convolutions (``GraloraConv2d``, LoCon-style) against an explicit computation: the paper's block
+delta built by hand (``explicit_gralora_delta``) over the conv weight flattened to [out, in * kh * kw], applied with
+``F.conv2d``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import apply_explicit_blend, make_adapter_file, unet_out
+from peft import GraloraConfig
+from torch import nn
+
+import gralora_diffusion as gd
+from gralora_diffusion.config import GraloraConfigError, check_gralora_fits, make_gralora_config
+from gralora_diffusion.layers import GraloraConv2d, base_scaling, inject_gralora, set_adapter_weight
+from gralora_diffusion.toy import build_toy_sdxl_pipeline
+
+
+class OneConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def explicit_forward(layer: GraloraConv2d, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
+    """conv2d with the base weight plus each adapter's hand-built delta (differentiable in A, B and x)."""
+    from helpers import explicit_gralora_delta
+
+    base = layer.get_base_layer()
+    weight = base.weight.double()
+    for name, w in weights.items():
+        ag, bg = layer.gralora_A_general[name], layer.gralora_B_general[name]
+        delta = explicit_gralora_delta(layer.gralora_A[name], layer.gralora_B[name], w * base_scaling(layer, name),
+                                       getattr(ag, "weight", None), getattr(bg, "weight", None))  # fmt: skip
+        weight = weight + delta.reshape(weight.shape)
+    return nn.functional.conv2d(x.double(), weight, base.bias.double(), base.stride, base.padding, base.dilation)
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,kernel,stride,padding,dilation,r,k,hybrid_r",
+    [
+        (8, 12, 3, 1, 1, 1, 4, 2, 0),  # a ResNet block's 3x3 convolution
+        (16, 8, 3, 2, 1, 1, 8, 4, 2),  # strided (a downsampler), k = 4, hybrid
+        (12, 6, 1, 1, 0, 1, 2, 2, 0),  # 1x1 (a shortcut)
+        (8, 8, (3, 1), 1, (2, 0), 2, 4, 2, 0),  # non-square kernel, dilation
+    ],
+)
+def test_forward_and_gradients_equal_the_explicit_block_delta(c_in, c_out, kernel, stride, padding, dilation, r, k,
+                                                              hybrid_r):  # fmt: skip
+    torch.manual_seed(0)
+    model = OneConv(nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation))
+    for name, hybrid in (("a", hybrid_r), ("b", 0)):
+        config = GraloraConfig(r=r, alpha=2 * r, gralora_k=k, hybrid_r=hybrid, target_modules=["conv"])
+        config.init_weights = False
+        inject_gralora(model, config, name)
+    layer = model.conv
+    assert type(layer) is GraloraConv2d
+    layer.set_adapter(["a", "b"])
+    weights = {"a": 0.8, "b": -0.5}
+    for name, w in weights.items():
+        set_adapter_weight(layer, name, w)
+    x = torch.randn(2, c_in, 9, 11)
+
+    def run(fn):
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        layer.zero_grad()
+        return y.detach().double(), xg.grad.double(), grads
+
+    y, gx, grads = run(model)
+    y_ref, gx_ref, grads_ref = run(lambda xg: explicit_forward(layer, xg, weights))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) >= 4 + 2 * (hybrid_r > 0)
+    for name in grads:
+        torch.testing.assert_close(grads[name].double(), grads_ref[name].double(), atol=1e-5, rtol=1e-5)
+    assert (y - model.conv.get_base_layer()(x).double()).abs().max() > 1e-3  # the adapters really act
+
+
+def test_merge_unmerge_and_reweight_a_merged_conv():
+    torch.manual_seed(1)
+    model = OneConv(nn.Conv2d(8, 8, 3, padding=1))
+    config = GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=["conv"])
+    config.init_weights = False
+    inject_gralora(model, config)
+    layer = model.conv
+    base_weight = layer.get_base_layer().weight.detach().clone()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        unmerged = model(x)
+        quarter = explicit_forward(layer, x, {"default": 0.25}).float()  # from the unmerged base weight
+        layer.merge()
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        set_adapter_weight(layer, "default", 0.25)  # re-weights the merged delta in place
+        torch.testing.assert_close(model(x), quarter, atol=1e-5, rtol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer.get_base_layer().weight, base_weight, atol=1e-6, rtol=1e-6)
+
+
+def test_conv_targets_are_checked_before_anything_changes():
+    model = nn.Module()
+    model.grouped = nn.Conv2d(8, 8, 3, groups=2)
+    model.odd = nn.Conv2d(6, 9, 3)
+    model.circular = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+    for target, words in (("grouped", "grouped convolution"), ("odd", "in_channels=6, out_channels=9"),
+                          ("circular", "padding_mode='circular'")):  # fmt: skip
+        with pytest.raises(GraloraConfigError, match=words):
+            check_gralora_fits(model, GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=[target]))
+
+
+def test_attention_conv_preset_adapts_every_resnet_convolution_of_the_toy_unet(tmp_path):
+    pipe = build_toy_sdxl_pipeline(0)
+    config = make_gralora_config(4, "unet-attention-conv")
+    names = check_gralora_fits(pipe.unet, config, "unet")
+    convs = [n for n, m in pipe.unet.named_modules() if isinstance(m, nn.Conv2d) and n.endswith((".conv1", ".conv2"))]
+    assert convs and set(convs) <= set(names)
+    assert all(".resnets." in n for n in convs)
+
+
+def test_a_saved_conv_adapter_loads_blends_and_fuses_like_the_explicit_delta_sum(tmp_path):
+    conv = make_adapter_file(
+        tmp_path / "conv.safetensors", seed=3, unet_targets="unet-attention-conv", text_encoders=()
+    )
+    plain = make_adapter_file(tmp_path / "plain.safetensors", seed=4)
+    adapter = gd.io.read_adapter(conv)
+    assert any(n.endswith(".conv1") for n in adapter.module_names("unet"))
+    pipe = build_toy_sdxl_pipeline(0)
+    gd.load_gralora_weights(pipe, conv, adapter_name="conv")
+    gd.load_gralora_weights(pipe, plain, adapter_name="plain")
+    gd.set_gralora_adapters(pipe, ["conv", "plain"], [0.6, 0.5])
+    reference = build_toy_sdxl_pipeline(0)
+    apply_explicit_blend(reference, [(conv, {"unet": 0.6}), (plain, {"unet": 0.5, "text_encoder": 0.5,
+                                                                     "text_encoder_2": 0.5})])  # fmt: skip
+    expected = unet_out(reference)
+    torch.testing.assert_close(unet_out(pipe), expected, atol=1e-5, rtol=1e-5)
+    gd.fuse_gralora(pipe)
+    torch.testing.assert_close(unet_out(pipe), expected, atol=1e-5, rtol=1e-5)
+    gd.unfuse_gralora(pipe)
+    gd.unload_gralora_weights(pipe)
+    torch.testing.assert_close(unet_out(pipe), unet_out(build_toy_sdxl_pipeline(0)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_peft_folder_of_a_conv_adapter_is_refused_before_writing(tmp_path):
+    conv = make_adapter_file(tmp_path / "conv.safetensors", seed=3, unet_targets="unet-attention-conv")
+    with pytest.raises(gd.AdapterFileError, match="PEFT's GraLoRA \\(linear layers only\\) cannot load"):
+        gd.export_peft_folder(conv, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
