@@ -41,7 +41,7 @@ SUBJECT_ON_STYLED = "sks x 1.0 on the styled trigger"  # the subject alone, prom
 # The main job's settings (the command line's defaults).
 DEFAULTS = {
     "train_steps": 300, "style_steps": 200, "rank": 4, "learning_rate": 1e-3, "style_learning_rate": 3e-3,
-    "text_encoder_lr": None,
+    "text_encoder_lr": None, "unet_target": "attention", "style_unet_target": "attention",
     "sampling_steps": 20, "guidance": 3.0, "eval_images": 16, "seed": 0,
 }  # fmt: skip
 
@@ -70,7 +70,7 @@ def write_style_images(folder: Path, count: int = 6) -> Path:
 
 def train_adapter(
     instances: Path, prompt: str, output_dir: Path, base: str, steps: int, rank: int, learning_rate: float,
-    text_encoder_lr: float | None, seed: int = 0,
+    text_encoder_lr: float | None, seed: int = 0, unet_target: str = "attention",
 ):  # fmt: skip
     """Run the DreamBooth trainer (in this process) on a folder of instance images; return its ``TrainResult``."""
     from .training.args import make_config
@@ -80,7 +80,7 @@ def train_adapter(
         pretrained_model_name_or_path=base, instance_data_dir=str(instances), instance_prompt=prompt,
         output_dir=str(output_dir), resolution=64, train_batch_size=4, rank=rank, learning_rate=learning_rate,
         lr_warmup_steps=0, max_train_steps=steps, checkpointing_steps=steps, report_to="none",
-        overwrite_output_dir=True, seed=seed,
+        overwrite_output_dir=True, seed=seed, unet_target=unet_target,
     )  # fmt: skip
     if text_encoder_lr is not None:
         settings.update(train_text_encoder=True, text_encoder_lr=text_encoder_lr)
@@ -139,6 +139,8 @@ def run_demo(
     guidance: float = DEFAULTS["guidance"],
     eval_images: int = DEFAULTS["eval_images"],
     seed: int = DEFAULTS["seed"],
+    unet_target: str = DEFAULTS["unet_target"],
+    style_unet_target: str = DEFAULTS["style_unet_target"],
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
@@ -149,12 +151,12 @@ def run_demo(
     t0 = time.perf_counter()
     subject_images = write_subject_images(out_dir / "instances")
     training = train_adapter(subject_images, SUBJECT_PROMPT, out_dir / "sks-shape", base_path, train_steps, rank,
-                             learning_rate, text_encoder_lr, seed)  # fmt: skip
+                             learning_rate, text_encoder_lr, seed, unet_target)  # fmt: skip
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     style_images = write_style_images(out_dir / "style-instances")
     style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", base_path, style_steps,
-                                   rank, style_learning_rate, text_encoder_lr, seed)  # fmt: skip
+                                   rank, style_learning_rate, text_encoder_lr, seed, style_unet_target)  # fmt: skip
     t_train_style = time.perf_counter() - t0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
@@ -223,6 +225,7 @@ def run_demo(
             "rank": rank,
             "learning_rate": learning_rate,
             "text_encoder_lr": text_encoder_lr,
+            "unet_target": unet_target,
             "seed": seed,
             "eval_loss_before": training.initial_eval_loss,
             "eval_loss_after": training.final_eval_loss,
@@ -231,6 +234,7 @@ def run_demo(
         "style_training": {
             "steps": style_training.steps,
             "learning_rate": style_learning_rate,
+            "unet_target": style_unet_target,
             "eval_loss_before": style_training.initial_eval_loss,
             "eval_loss_after": style_training.final_eval_loss,
             "seconds": t_train_style,
@@ -258,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         "--text_encoder_lr", type=float, default=DEFAULTS["text_encoder_lr"],
         help="also train both text encoders' adapters at this lr",
     )  # fmt: skip
+    targets = ["attention", "wide", "attention-conv"]
+    parser.add_argument("--unet_target", choices=targets, default=DEFAULTS["unet_target"], help="the subject's")
+    parser.add_argument("--style_unet_target", choices=targets, default=DEFAULTS["style_unet_target"])
     parser.add_argument("--sampling_steps", type=int, default=DEFAULTS["sampling_steps"])
     parser.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
     parser.add_argument(
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         guidance=args.guidance,
         eval_images=args.eval_images,
         seed=args.seed,
+        unet_target=args.unet_target,
+        style_unet_target=args.style_unet_target,
     )
     t, st = report["training"], report["style_training"]
     print(f"base: {report['base']}")

@@ -93,11 +93,13 @@ def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--train_steps", "7", "--style_steps", "8", "--sampling_steps", "9",
-                   "--guidance", "2.5", "--eval_images", "3", "--seed", "5"])  # fmt: skip
+                   "--guidance", "2.5", "--eval_images", "3", "--seed", "5",
+                   "--unet_target", "attention-conv"])  # fmt: skip
     defaults = {"rank": demo.DEFAULTS["rank"], "learning_rate": demo.DEFAULTS["learning_rate"],
                 "style_learning_rate": demo.DEFAULTS["style_learning_rate"],
-                "text_encoder_lr": demo.DEFAULTS["text_encoder_lr"]}  # fmt: skip
+                "text_encoder_lr": demo.DEFAULTS["text_encoder_lr"],
+                "style_unet_target": demo.DEFAULTS["style_unet_target"]}  # fmt: skip
     assert seen == {
         "out": tmp_path, "base": None, "train_steps": 7, "style_steps": 8, "sampling_steps": 9, "guidance": 2.5,
-        "eval_images": 3, "seed": 5, **defaults,
+        "eval_images": 3, "seed": 5, "unet_target": "attention-conv", **defaults,
     }  # fmt: skip
