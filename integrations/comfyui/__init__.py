@@ -10,7 +10,9 @@ On import, a ``GraLoRAAdapter`` is registered with ``comfy.weight_adapter``: for
 ``<name>.gralora_A_general.weight`` / ``.gralora_B_general.weight``), and adds to the weight the dense delta PEFT's
 ``GraloraLayer.get_delta_weight`` builds: block (i, j) of the k x k grid, output slice i and input slice j, is
 ``B[i, j*r/k:(j+1)*r/k, :]^T @ A[j, :, i*r/k:(i+1)*r/k]^T``, plus ``B_general @ A_general``, scaled by
-``alpha / (r + hybrid_r)`` (``<name>.alpha``; 1 when absent) times the node's strength.
+``alpha / (r + hybrid_r)`` (``<name>.alpha``; 1 when absent) times the node's strength. For an adapted convolution
+(the package's ``attention-conv`` target: the ResNet blocks' ``in_layers.2`` / ``out_layers.3``) "in" is the
+flattened weight's in_channels x kh x kw, and the delta is reshaped to the weight's [out, in, kh, kw].
 
 This package imports only torch and ComfyUI; it does not need gralora-diffusion installed.
 """
