@@ -129,15 +129,19 @@ def conv_kernels(
     adapter: AdapterFile, models: Mapping[str, nn.Module] | None = None
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """(component, module) -> (kh, kw) for every 2-D convolution ``adapter`` adapts (the file stores a convolution's
-    factors over its flattened weight [out, in * kh * kw], so its kernel comes from the base). Read from ``models``
-    (the base's modules, e.g. ``base_skeleton``) where they have the component, else from diffusers' UNet layout: a
-    ResNet block's ``conv1`` / ``conv2`` is 3 x 3; any other convolution-like name then needs the base."""
+    factors over its flattened weight [out, in * kh * kw], so the kernel is not in its shapes). Read from ``models``
+    (the base's modules, e.g. ``base_skeleton``) where they have the component, else from the kernels the file
+    recorded when it was saved, else from diffusers' UNet layout: a ResNet block's ``conv1`` / ``conv2`` is 3 x 3; any
+    other convolution-like name then needs the base."""
     kernels = {}
+    recorded = adapter.conv_kernels()
     for component in adapter.components:
         model = (models or {}).get(component)
         named = dict(model.named_modules()) if model is not None else None
         for module in adapter.module_names(component):
-            if named is not None:
+            if (component, module) in recorded and named is None:
+                kernels[component, module] = recorded[component, module]
+            elif named is not None:
                 found = named.get(resolve_module_name(named, module) or "")
                 if isinstance(found, nn.Conv2d):
                     kernels[component, module] = tuple(found.kernel_size)

@@ -33,12 +33,15 @@ from torch import nn
 
 from .families import ALL_COMPONENTS as COMPONENTS
 from .fs import write_directory_atomically, write_file_atomically
+from .layers import GraloraConv2d, gralora_layers
 from .names import canonical_state_dict
 from .peft_ops import GraloraAdapterError, adapter_state_dict, gralora_config_of
 
 FORMAT_NAME = "gralora-diffusion"
 FORMAT_VERSION = "1"
 RESERVED_METADATA_KEYS = ("format", "format_version", "gralora_config", "base_model")
+# Metadata key of the adapted convolutions' kernel sizes: JSON {component: {module: [kh, kw]}} (absent: none).
+CONV_KERNELS_KEY = "conv_kernels"
 PARAM_SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,6 +73,22 @@ class AdapterFile:
     def module_names(self, component: str) -> list[str]:
         """The adapted module paths of ``component``, from the tensor names."""
         return sorted({split_param_key(key)[0] for key in self.state_dicts[component]})
+
+    def conv_kernels(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(component, module) -> (kh, kw) of every adapted 2-D convolution, as recorded when the file was saved
+        (metadata ``conv_kernels``; empty for files without it). A convolution's factors are stored over its
+        flattened weight [out, in * kh * kw], so the kernel is not in the tensor shapes."""
+        text = self.metadata.get(CONV_KERNELS_KEY)
+        if not text:
+            return {}
+        try:
+            recorded = json.loads(text)
+            return {(c, m): (int(k[0]), int(k[1])) for c, modules in recorded.items() for m, k in modules.items()}
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+            raise AdapterFileError(
+                f"{self.source}: the metadata {CONV_KERNELS_KEY!r} is not a JSON object of component -> module -> "
+                "[kh, kw]; the file is damaged."
+            ) from None
 
     def num_parameters(self) -> int:
         return sum(t.numel() for sd in self.state_dicts.values() for t in sd.values())
@@ -375,7 +394,7 @@ def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
 
 
 def _is_conv_name(module: str) -> bool:
-    """A module the package adapts as ``GraloraConv2d``: diffusers names every UNet convolution ``conv*``."""
+    """For files without recorded kernels: diffusers names every ResNet / sampler convolution ``conv*``."""
     return module.rsplit(".", 1)[-1].startswith("conv")
 
 
@@ -390,7 +409,8 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
-    convs = [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c) if _is_conv_name(m)]
+    convs = [f"{c}.{m}" for c, m in adapter.conv_kernels()]
+    convs += [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c) if _is_conv_name(m)]
     if convs:
         raise AdapterFileError(
             f"{adapter.source} adapts convolutions ({convs[0]}, ...), which PEFT's GraLoRA (linear layers only) cannot "
@@ -440,16 +460,22 @@ def save_gralora_weights(
     given = {c: v for c, v in given.items() if v is not None}
     if not given:
         raise GraloraAdapterError(f"Nothing to save to {path}: pass at least one of {', '.join(COMPONENTS)}.")
-    state_dicts, cfgs = {}, {}
+    state_dicts, cfgs, kernels = {}, {}, {}
     for component, value in given.items():
         if isinstance(value, nn.Module):
             cfgs[component] = gralora_config_of(value, adapter_name)
             state_dicts[component] = canonical_state_dict(value, adapter_state_dict(value, adapter_name))
+            convs = {n: list(layer.get_base_layer().kernel_size) for n, layer in gralora_layers(value)
+                     if isinstance(layer, GraloraConv2d) and adapter_name in layer.gralora_A}  # fmt: skip
+            if convs:
+                kernels[component] = convs
         else:
             state_dicts[component] = dict(value)
             if configs and component in configs:
                 cfgs[component] = configs[component]
     extras = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
+    if kernels:
+        extras[CONV_KERNELS_KEY] = json.dumps(kernels, sort_keys=True)
     flat = {f"{c}.{k}": t for c, sd in state_dicts.items() for k, t in sd.items()}
     header = {"gralora_config": json.dumps({c: config_to_dict(cfg) for c, cfg in cfgs.items()})} if cfgs else {}
     adapter = adapter_from_tensors(flat, header, source=str(path))  # validates before writing

@@ -275,10 +275,19 @@ class GraloraConv2d(GraloraLinear):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, module_name, r, config=config)
 
+    def update_layer(self, adapter_name: str, module_name: str, r: int, config: GraloraConfig) -> None:
+        channels = self.get_base_layer().in_channels
+        if channels % config.gralora_k:  # PEFT checks in * kh * kw; the input blocks are groups of whole channels
+            raise ValueError(f"GraLoRA cannot adapt {module_name}: its in_channels={channels} are not divisible by "
+                             f"gralora_k={config.gralora_k}.")  # fmt: skip
+        super().update_layer(adapter_name, module_name, r, config=config)
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return super().get_delta_weight(adapter).reshape(self.get_base_layer().weight.shape)
 
     def _add_adapter(self, result: torch.Tensor, x_in: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        if x_in.ndim == 3:  # an unbatched [C, H, W] input, which nn.Conv2d accepts
+            return self._add_adapter(result[None], x_in[None], name, scale)[0]
         conv = self.get_base_layer()
         geometry = (conv.stride, conv.padding, conv.dilation)
         a, b = self.gralora_A[name], self.gralora_B[name]  # [k, in/k * kh * kw, r], [k, r, out/k]

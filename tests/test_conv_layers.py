@@ -128,7 +128,9 @@ def test_a_saved_conv_adapter_loads_blends_and_fuses_like_the_explicit_delta_sum
     )
     plain = make_adapter_file(tmp_path / "plain.safetensors", seed=4)
     adapter = gd.io.read_adapter(conv)
-    assert any(n.endswith(".conv1") for n in adapter.module_names("unet"))
+    recorded = adapter.conv_kernels()  # the kernel is not in the factors' shapes: the file records it
+    assert recorded == {("unet", n): (3, 3) for n in adapter.module_names("unet") if n.endswith((".conv1", ".conv2"))}
+    assert recorded
     pipe = build_toy_sdxl_pipeline(0)
     gd.load_gralora_weights(pipe, conv, adapter_name="conv")
     gd.load_gralora_weights(pipe, plain, adapter_name="plain")
@@ -182,3 +184,62 @@ def test_a_conv_forward_backward_dispatches_a_bounded_number_of_operators():
     assert ours.compute <= lora.compute + 3, (ours.compute, lora.compute)
     assert ours.total <= 30, ours.total
     assert ours.copies == 0
+
+
+def test_in_channels_must_split_into_k_whole_groups_even_where_the_flattened_size_would():
+    model = OneConv(nn.Conv2d(6, 8, (2, 1)))  # in * kh * kw = 12 is divisible by 4, in_channels = 6 is not
+    with pytest.raises(ValueError, match="in_channels=6 are not divisible by gralora_k=4"):
+        inject_gralora(model, GraloraConfig(r=4, alpha=8, gralora_k=4, target_modules=["conv"]))
+
+
+def test_an_unbatched_input_works_as_with_nn_conv2d():
+    torch.manual_seed(2)
+    model = OneConv(nn.Conv2d(8, 8, 3, padding=1))
+    config = GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=["conv"])
+    config.init_weights = False
+    inject_gralora(model, config)
+    x = torch.randn(8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x[None])[0])
+        torch.testing.assert_close(model(x), explicit_forward(model.conv, x[None], {"default": 1.0}).float()[0],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def sd15_with_conv_projections(seed: int = 0):
+    """The toy SD 1.x with 1x1 convolution proj_in / proj_out, as real SD 1.x UNets have (use_linear_projection off)."""
+    from diffusers import UNet2DConditionModel
+
+    from gralora_diffusion.toy import build_toy_sd15_pipeline
+
+    pipe = build_toy_sd15_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "use_linear_projection": False})
+    return pipe
+
+
+def test_one_by_one_conv_projections_are_recorded_and_export_as_a_locon_diffusers_loads(tmp_path):
+    """SD 1.x's wide preset adapts proj_in / proj_out, there 1x1 convolutions: the file records their kernels, so a
+    LoRA export without --base writes 4-D factors, and the PEFT-folder export refuses them."""
+    from safetensors.torch import load_file
+
+    from gralora_diffusion.export import export_lora
+
+    path = make_adapter_file(tmp_path / "wide.safetensors", seed=7, unet_targets="unet-wide", text_encoders=(),
+                             pipeline_builder=sd15_with_conv_projections, b_scale=0.2)  # fmt: skip
+    kernels = gd.read_adapter(path).conv_kernels()
+    assert kernels and {k for k in kernels.values()} == {(1, 1)}
+    assert {m.rsplit(".", 1)[-1] for _, m in kernels} == {"proj_in", "proj_out"}
+    with pytest.raises(gd.AdapterFileError, match="PEFT's GraLoRA"):
+        gd.export_peft_folder(path, tmp_path / "peft")
+    out = tmp_path / "lora.safetensors"
+    export_lora(path, out, "diffusers", exact=True)
+    lora = load_file(out)
+    for _, module in kernels:
+        assert lora[f"unet.{module}.lora_A.weight"].ndim == 4 and lora[f"unet.{module}.lora_B.weight"].ndim == 4
+    reference = sd15_with_conv_projections(0)
+    gd.load_gralora_weights(reference, path)
+    other = sd15_with_conv_projections(0)
+    other.load_lora_weights(str(out))
+    expected = unet_out(reference)
+    assert (expected - unet_out(sd15_with_conv_projections(0))).abs().max() > 1e-2
+    torch.testing.assert_close(unet_out(other), expected, atol=1e-4, rtol=1e-4)
