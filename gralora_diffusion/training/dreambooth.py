@@ -606,6 +606,7 @@ class DreamBoothTrainer:
             )
             write_text_atomically(self.out / "train_metrics.json", json.dumps(self.metrics, indent=2))
             logger.info(f"Saved the adapter to {final}")
+        accelerator.wait_for_everyone()  # tear the process group down together, not while the main one still saves
         accelerator.end_training()
         m = self.metrics
         return TrainResult(
