@@ -43,7 +43,7 @@ from torch import nn
 from .families import ALL_COMPONENTS as COMPONENTS
 from .families import family_named, family_of_components
 from .fs import write_file_atomically
-from .io import AdapterFile, read_adapter
+from .io import AdapterFile, looks_like_conv, read_adapter
 from .layers import gralora_layers
 from .names import CLIP_PREFIX, resolve_module_name
 from .original_layout import LayoutError, NotInUNetLayout, SgmNaming, original_state_dict
@@ -147,7 +147,7 @@ def conv_kernels(
                     kernels[component, module] = tuple(found.kernel_size)
             elif component == "unet" and _RESNET_CONV.search(module):
                 kernels[component, module] = (3, 3)
-            elif module.rsplit(".", 1)[-1].startswith("conv"):
+            elif looks_like_conv(module):
                 raise ExportError(
                     f"{adapter.source} adapts {component}.{module}, whose kernel size only the base model can tell; "
                     "pass the base with --base."

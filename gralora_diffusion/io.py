@@ -393,7 +393,7 @@ def save_adapter_file(path: str | os.PathLike, adapter: AdapterFile) -> Path:
     return path
 
 
-def _is_conv_name(module: str) -> bool:
+def looks_like_conv(module: str) -> bool:
     """For files without recorded kernels: diffusers names every ResNet / sampler convolution ``conv*``."""
     return module.rsplit(".", 1)[-1].startswith("conv")
 
@@ -409,8 +409,9 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
-    convs = [f"{c}.{m}" for c, m in adapter.conv_kernels()]
-    convs += [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c) if _is_conv_name(m)]
+    recorded = adapter.conv_kernels()
+    convs = [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c)
+             if (c, m) in recorded or looks_like_conv(m)]  # fmt: skip
     if convs:
         raise AdapterFileError(
             f"{adapter.source} adapts convolutions ({convs[0]}, ...), which PEFT's GraLoRA (linear layers only) cannot "

@@ -25,6 +25,16 @@ class OneConv(nn.Module):
         return self.conv(x)
 
 
+def random_adapter(conv: nn.Conv2d, r: int = 4, k: int = 2, seed: int = 0) -> OneConv:
+    """``conv`` in a model with one GraLoRA adapter whose A and B are both random (B is not zero)."""
+    torch.manual_seed(seed)
+    model = OneConv(conv)
+    config = GraloraConfig(r=r, alpha=2 * r, gralora_k=k, target_modules=["conv"])
+    config.init_weights = False
+    inject_gralora(model, config)
+    return model
+
+
 def explicit_forward(layer: GraloraConv2d, x: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
     """conv2d with the base weight plus each adapter's hand-built delta (differentiable in A, B and x)."""
     from helpers import explicit_gralora_delta
@@ -83,11 +93,7 @@ def test_forward_and_gradients_equal_the_explicit_block_delta(c_in, c_out, kerne
 
 
 def test_merge_unmerge_and_reweight_a_merged_conv():
-    torch.manual_seed(1)
-    model = OneConv(nn.Conv2d(8, 8, 3, padding=1))
-    config = GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=["conv"])
-    config.init_weights = False
-    inject_gralora(model, config)
+    model = random_adapter(nn.Conv2d(8, 8, 3, padding=1), seed=1)
     layer = model.conv
     base_weight = layer.get_base_layer().weight.detach().clone()
     x = torch.randn(1, 8, 6, 6)
@@ -193,11 +199,7 @@ def test_in_channels_must_split_into_k_whole_groups_even_where_the_flattened_siz
 
 
 def test_an_unbatched_input_works_as_with_nn_conv2d():
-    torch.manual_seed(2)
-    model = OneConv(nn.Conv2d(8, 8, 3, padding=1))
-    config = GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=["conv"])
-    config.init_weights = False
-    inject_gralora(model, config)
+    model = random_adapter(nn.Conv2d(8, 8, 3, padding=1), seed=2)
     x = torch.randn(8, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x[None])[0])
