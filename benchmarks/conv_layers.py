@@ -7,8 +7,10 @@ LoCon layer) at equal parameters, in one run.
 Per shape (channels, latent side) and rank: operators dispatched per forward + backward (a count, deterministic),
 the median over interleaved rounds of the paired time ratio to LoRA (one training step: forward, ``sum``, backward,
 the base conv frozen, the input requiring grad as inside a UNet), and the memory of the step by ``measure``'s metric
-(CPU: bytes saved for backward). ``base`` is the frozen convolution alone. GraLoRA's k is the paper's default for
-the rank (2 up to r = 32, 4 from 64); LoRA's alpha is r, GraLoRA's 2r (the scale does not change the cost).
+(CPU: bytes saved for backward). ``base`` is the frozen convolution alone; ``gralora-recompute`` is the trainer's
+``--gralora_recompute`` (the k*r-channel intermediate recomputed in backward instead of stored). GraLoRA's k is the
+paper's default for the rank (2 up to r = 32, 4 from 64); LoRA's alpha is r, GraLoRA's 2r (the scale does not change
+the cost).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from gralora_diffusion import make_gralora_config
-from gralora_diffusion.layers import inject_gralora
+from gralora_diffusion.layers import inject_gralora, use_memory_lean_training
 
-VARIANTS = ("base", "lora", "gralora")
+VARIANTS = ("base", "lora", "gralora", "gralora-recompute")
 # SDXL's ResNet widths and their latent sides at 1024 px (128 x 128 latents): 320 at 128, 640 at 64, 1280 at 32.
 SDXL_SHAPES = ((320, 128), (640, 64), (1280, 32))
 
@@ -44,8 +46,9 @@ def build(variant: str, channels: int, rank: int, device, dtype) -> nn.Module:
     model = OneConv(channels)
     if variant == "lora":
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["conv"]), model)
-    elif variant == "gralora":
+    elif variant in ("gralora", "gralora-recompute"):
         inject_gralora(model, make_gralora_config(rank, ["conv"]))
+        use_memory_lean_training(model, variant == "gralora-recompute")
     base = model.conv.get_base_layer() if variant != "base" else model.conv
     base.requires_grad_(False)
     with torch.no_grad():  # B starts at zero: make the update non-zero so nothing is skipped
@@ -104,11 +107,13 @@ def main(argv=None) -> None:
                 for row in rows[-len(VARIANTS):]:
                     ops, mem = row["ops"], row["memory_vs_lora"]
                     vs = row["time_vs_lora"]
-                    print(f"{channels:>5} ch {side:>3}^2 r {rank:>3} {row['variant']:>8}: {row['params']:>9,} params, "
+                    print(f"{channels:>5} ch {side:>3}^2 r {rank:>3} {row['variant']:>17}: {row['params']:>9,} params, "
                           f"{ops['total']:>3} ops ({ops['compute']} compute, {ops['copies']} act. copies), "
                           f"{row['median_s'] * 1e3:8.1f} ms, time vs LoRA {vs if vs is None else f'{vs:.3f}'}, "
                           f"memory vs LoRA {mem if mem is None else f'{mem:.2f}'}", flush=True)  # fmt: skip
-    write_report(args.out, device, torch.float32, rows, autocast=args.dtype, batch=args.batch, repeats=args.repeats)
+        # inside the block, so the report records the thread count the rows ran with
+        write_report(args.out, device, torch.float32, rows, autocast=args.dtype, batch=args.batch,
+                     repeats=args.repeats)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -289,21 +289,87 @@ class GraloraConv2d(GraloraLinear):
         if x_in.ndim == 3:  # an unbatched [C, H, W] input, which nn.Conv2d accepts
             return self._add_adapter(result[None], x_in[None], name, scale)[0]
         conv = self.get_base_layer()
-        geometry = (conv.stride, conv.padding, conv.dilation)
+        placement = (conv.stride, conv.padding, conv.dilation)
+        geometry = (conv.kernel_size, *placement)
         a, b = self.gralora_A[name], self.gralora_B[name]  # [k, in/k * kh * kw, r], [k, r, out/k]
-        k, r = a.shape[0], a.shape[2]
-        # input block j -> its r features (chunk c of them, r/k wide, feeds output block c)
-        down = a.transpose(1, 2).reshape(k * r, conv.in_channels // k, *conv.kernel_size)
-        h = nn.functional.conv2d(x_in, down, None, *geometry, groups=k)  # channels (j, c, r/k)
-        n, _, height, width = h.shape
-        h = h.view(n, k, k, r // k, height, width).transpose(1, 2).reshape(n, k * r, height, width)  # (c, j, r/k)
-        up = b.transpose(1, 2).reshape(self.out_features, r, 1, 1)  # output block c reads its (j, r/k) features
-        delta = nn.functional.conv2d(h, up, groups=k)
+        if self.recompute_intermediate and torch.is_grad_enabled():
+            delta = _RecomputedConvBlockDelta.apply(x_in, a, b, geometry)
+        else:
+            delta = _conv_block_delta(x_in, a, b, geometry)
         if self.hybrid_r[name] > 0:
             a_general = self.gralora_A_general[name].weight.view(-1, conv.in_channels, *conv.kernel_size)
             b_general = self.gralora_B_general[name].weight[:, :, None, None]
-            delta = delta + nn.functional.conv2d(nn.functional.conv2d(x_in, a_general, None, *geometry), b_general)
+            delta = delta + nn.functional.conv2d(nn.functional.conv2d(x_in, a_general, None, *placement), b_general)
         return result.add(delta if delta.dtype == result.dtype else delta.to(result.dtype), alpha=scale)
+
+
+def _conv_weights(a: torch.Tensor, b: torch.Tensor, in_channels: int, kernel: tuple) -> tuple[torch.Tensor, ...]:
+    """PEFT's A [k, in/k * kh * kw, r] and B [k, r, out/k] as the weights of ``_conv_block_delta``'s two grouped
+    convolutions (re-laid-out copies): down [k*r, in/k, kh, kw], input block j -> its r features, chunk c of them
+    (r/k wide) for output block c; up [out, r, 1, 1], output block c reads its (j, r/k) features."""
+    k, r = a.shape[0], a.shape[2]
+    return a.transpose(1, 2).reshape(k * r, in_channels // k, *kernel), b.transpose(1, 2).reshape(-1, r, 1, 1)
+
+
+def _conv_shuffle(h: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, (k, k, r/k), H, W] -> the same with the two block axes exchanged: GraLoRA's shuffle (its own inverse)."""
+    n, channels, height, width = h.shape
+    return h.view(n, k, k, channels // (k * k), height, width).transpose(1, 2).reshape(h.shape)
+
+
+def _conv_block_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """GraLoRA's block-routed update of the conv input x [n, in, H, W]: a grouped kh x kw convolution (groups = k,
+    ``geometry`` = the base's kernel size, stride, padding, dilation) to channels (j, c, r/k), the block shuffle to
+    (c, j, r/k), and a grouped 1 x 1 convolution to out channels."""
+    k, (kernel, *placement) = a.shape[0], geometry
+    down, up = _conv_weights(a, b, x.shape[1], kernel)
+    h = nn.functional.conv2d(x, down, None, *placement, groups=k)
+    return nn.functional.conv2d(_conv_shuffle(h, k), up, groups=k)
+
+
+class _RecomputedConvBlockDelta(torch.autograd.Function):
+    """``_conv_block_delta`` that saves only its input and factors (the input is the base convolution's, kept for its
+    own backward anyway): backward recomputes the k*r-channel intermediate (the first convolution and the shuffle;
+    the second is not rerun, as activation checkpointing would) and forms the three gradients with the convolutions'
+    own backward kernels. Runs backward under the autocast state of its forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, geometry: tuple) -> torch.Tensor:
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, a, b)
+        return _conv_block_delta(x, a, b, geometry)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        kernel, stride, padding, dilation = ctx.geometry
+        k = a.shape[0]
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            down, up = _conv_weights(a, b, x.shape[1], kernel)
+            h = nn.functional.conv2d(x, down, None, stride, padding, dilation, groups=k)  # as forward computed it
+        hs = _conv_shuffle(h, k)
+        # the convolutions' backward kernels take one dtype: the one the forward's convolutions ran in
+        grad, up, x_c, down = (t.to(h.dtype) for t in (grad, up, x, down))
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_hs, grad_up, _ = torch.ops.aten.convolution_backward(
+            grad, hs, up, None, (1, 1), (0, 0), (1, 1), False, (0, 0), k, (need_x or need_a, need_b, False)
+        )
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            grad_x, grad_down, _ = torch.ops.aten.convolution_backward(
+                _conv_shuffle(grad_hs, k), x_c, down, None, stride, padding, dilation, False, (0, 0), k,
+                (need_x, need_a, False),
+            )  # fmt: skip
+            if need_a:  # down [k*r, in/k, kh, kw] back to A [k, in/k * kh * kw, r]
+                grad_a = grad_down.reshape(k, a.shape[2], a.shape[1]).transpose(1, 2)
+        if need_b:  # up [out, r, 1, 1] back to B [k, r, out/k]
+            grad_b = grad_up.reshape(k, b.shape[2], b.shape[1]).transpose(1, 2)
+        grads = (grad_x, grad_a, grad_b)
+        cast = tuple(g if g is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, (x, a, b)))
+        return (*cast, None)
 
 
 class _PackageGraloraTuner(GraloraModel):
@@ -337,14 +403,13 @@ def inject_gralora(
 
 
 def use_memory_lean_training(model: nn.Module, enabled: bool = True) -> int:
-    """Make every package GraLoRA layer of ``model`` recompute its k*r-wide intermediate in backward (or stop).
+    """Make every package GraLoRA layer of ``model`` (linear and convolution) recompute its k*r-wide intermediate in
+    backward instead of storing it (or stop).
 
     Returns how many layers were switched. Parameters, state dict and inference are unchanged.
     """
     count = 0
     for _, layer in gralora_layers(model):
-        if isinstance(layer, GraloraConv2d):  # its intermediate is a convolution's output, always stored
-            continue
         if isinstance(layer, GraloraLinear) and layer.recompute_intermediate != enabled:
             layer.recompute_intermediate = enabled
             count += 1

@@ -58,8 +58,13 @@ def explicit_forward(layer: GraloraConv2d, x: torch.Tensor, weights: dict[str, f
         (8, 8, (3, 1), 1, (2, 0), 2, 4, 2, 0),  # non-square kernel, dilation
     ],
 )
+@pytest.mark.parametrize("lean", [False, True], ids=["stored", "recomputed"])
 def test_forward_and_gradients_equal_the_explicit_block_delta(c_in, c_out, kernel, stride, padding, dilation, r, k,
-                                                              hybrid_r):  # fmt: skip
+                                                              hybrid_r, lean):  # fmt: skip
+    """Both forwards: the default (the k*r-channel intermediate stored for backward) and the memory-lean one (the
+    trainer's --gralora_recompute: recomputed in a hand-written backward)."""
+    from gralora_diffusion.layers import use_memory_lean_training
+
     torch.manual_seed(0)
     model = OneConv(nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation))
     for name, hybrid in (("a", hybrid_r), ("b", 0)):
@@ -68,6 +73,7 @@ def test_forward_and_gradients_equal_the_explicit_block_delta(c_in, c_out, kerne
         inject_gralora(model, config, name)
     layer = model.conv
     assert type(layer) is GraloraConv2d
+    assert use_memory_lean_training(model, lean) == lean and layer.recompute_intermediate == lean
     layer.set_adapter(["a", "b"])
     weights = {"a": 0.8, "b": -0.5}
     for name, w in weights.items():
@@ -190,6 +196,71 @@ def test_a_conv_forward_backward_dispatches_a_bounded_number_of_operators():
     assert ours.compute <= lora.compute + 3, (ours.compute, lora.compute)
     assert ours.total <= 30, ours.total
     assert ours.copies == 0
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (parameters not counted), each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    return sum(storages.values())
+
+
+def test_memory_lean_conv_keeps_only_the_input_the_base_conv_keeps_anyway():
+    """A count of bytes: with the k*r-channel intermediate recomputed, the adapted convolution keeps for backward
+    exactly what the frozen convolution alone keeps (its input), less than PEFT's LoCon (which stores its r-channel
+    intermediate) and less than the default forward."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from gralora_diffusion.layers import use_memory_lean_training
+
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    saved = {}
+    for variant in ("base", "lora", "stored", "recomputed"):
+        torch.manual_seed(0)
+        model = OneConv(nn.Conv2d(64, 64, 3, padding=1))
+        if variant == "lora":
+            inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=["conv"]), model)
+        elif variant != "base":
+            inject_gralora(model, make_gralora_config(16, ["conv"]))
+            assert use_memory_lean_training(model, variant == "recomputed") == (variant == "recomputed")
+        (model.conv if variant == "base" else model.conv.get_base_layer()).requires_grad_(False)
+        saved[variant] = _saved_bytes(model, x)
+    assert saved["base"] == x.numel() * x.element_size()
+    assert saved["recomputed"] == saved["base"] < saved["lora"] < saved["stored"]
+
+
+def test_memory_lean_conv_under_bf16_autocast_matches_the_stored_forward():
+    """The trainer's mixed precision: the recomputing backward reruns the first convolution under the forward's
+    autocast state, so the factors' gradients are the default forward's, and the input's agrees to bf16 rounding."""
+    from gralora_diffusion.layers import use_memory_lean_training
+
+    x = torch.randn(2, 16, 12, 12)
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = random_adapter(nn.Conv2d(16, 24, 3, stride=2, padding=1), r=8, k=4)
+        use_memory_lean_training(model, lean)
+        model.conv.get_base_layer().requires_grad_(False)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xg)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        results.append((y.float(), xg.grad, [p.grad for p in model.parameters() if p.requires_grad]))
+    (y0, gx0, g0), (y1, gx1, g1) = results
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert ((gx1 - gx0).abs().max() / gx0.abs().max()).item() < 1e-2
 
 
 def test_in_channels_must_split_into_k_whole_groups_even_where_the_flattened_size_would():

@@ -307,10 +307,17 @@ def test_hf_dataset_captions_and_tensorboard_logging(toy_base, instance_dir, tmp
 
 
 def test_the_attention_conv_target_trains_every_resnet_convolution_under_bf16(toy_base, instance_dir, tmp_path):
+    """Also with --gralora_recompute (linear and conv layers recompute their intermediate in backward): the same
+    adapter, up to float rounding."""
     out = tmp_path / "conv"
-    train(toy_base, instance_dir, out, "--max_train_steps=2", "--unet_target=attention-conv", "--mixed_precision=bf16",
-          "--output_name=conv", "--learning_rate=1e-3")  # fmt: skip
+    for name, extra in (("conv", []), ("lean", ["--gralora_recompute"])):
+        train(toy_base, instance_dir, out, "--max_train_steps=2", "--unet_target=attention-conv",
+              "--mixed_precision=bf16", f"--output_name={name}", "--learning_rate=1e-3", *extra)  # fmt: skip
+    lean = gd.read_adapter(out / "lean.safetensors").state_dicts["unet"]
     adapter = gd.read_adapter(out / "conv.safetensors")
+    assert lean.keys() == adapter.state_dicts["unet"].keys()
+    for key, value in adapter.state_dicts["unet"].items():
+        torch.testing.assert_close(lean[key], value, atol=1e-5, rtol=1e-4)
     names = adapter.module_names("unet")
     from diffusers import UNet2DConditionModel
 

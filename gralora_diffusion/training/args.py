@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--gralora_recompute",
         action="store_true",
-        help="recompute GraLoRA's k*r-wide intermediate in backward instead of keeping it: less activation memory, "
-        "slower steps (full SDXL on an H100: 1-4%% less peak memory for 1.8x the step time)",
+        help="recompute GraLoRA's k*r-wide intermediate in backward instead of keeping it, in linear and conv layers: "
+        "less activation memory, more compute (full SDXL on an H100, PEFT's layer: 1-4%% less peak memory for 1.8x "
+        "the step time)",
     )
     g.add_argument("--no_gralora_recompute", dest="gralora_recompute", action="store_false", help="the default")
 
