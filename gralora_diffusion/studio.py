@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import adapters as api
 from .families import SDXL, ModelFamily, family_of
 from .fs import write_file_atomically
-from .io import AdapterFile, AdapterFileError, read_adapter
+from .io import AdapterFile, AdapterFileError, looks_like_conv, read_adapter
 
 logger = logging.getLogger("gralora_diffusion.studio")
 
@@ -68,11 +68,34 @@ class AdapterInfo:
     k: int | None
     base_model: str
     components: list[str]
+    # component -> (adapted layers, of which 2-D convolutions): attention-only and LoCon-style adapters look alike
+    # by name and rank, and mix differently
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def describe(self) -> str:
         shape = f"r={self.rank}, k={self.k}" if self.rank else "r=?"
         trigger = f"trigger: {self.trigger_prompt!r}" if self.trigger_prompt else "no trigger prompt"
-        return f"{trigger}; {shape}; base: {self.base_model or 'unrecorded'}; {', '.join(self.components)}"
+        parts = []
+        for component in self.components:
+            count, convs = self.layers.get(component, (0, 0))
+            layers = f" {count} layers" + (f" ({convs} convolutions)" if convs else "") if count else ""
+            parts.append(component + layers)
+        return f"{trigger}; {shape}; base: {self.base_model or 'unrecorded'}; {', '.join(parts)}"
+
+
+def layer_counts(adapter: AdapterFile) -> dict[str, tuple[int, int]]:
+    """Per component, how many layers ``adapter`` adapts and how many of them are 2-D convolutions (by the kernels
+    the file records; for files without them, by diffusers' ``conv*`` names)."""
+    recorded = adapter.conv_kernels()
+    counts = {}
+    for component in adapter.components:
+        modules = adapter.module_names(component)
+        if recorded:
+            convs = sum((component, m) in recorded for m in modules)
+        else:
+            convs = sum(looks_like_conv(m) for m in modules) if component in ("unet",) else 0
+        counts[component] = (len(modules), convs)
+    return counts
 
 
 class AdapterLibrary:
@@ -154,6 +177,7 @@ class AdapterLibrary:
             k=config.gralora_k,
             base_model=adapter.base_model,
             components=adapter.components,
+            layers=layer_counts(adapter),
         )
 
 

@@ -360,6 +360,28 @@ def test_library_lists_and_describes(library):
     assert library.load("dog") is library.load("dog")  # cached in memory
 
 
+def test_the_description_counts_adapted_layers_and_convolutions(tmp_path):
+    """Attention-only and LoCon-style adapters are told apart: the counts come from the toy UNet's own modules."""
+    from gralora_diffusion.families import CLIP_ATTENTION, UNET_ATTENTION
+
+    make_adapter_file(tmp_path / "attn.safetensors", seed=1, text_encoders=("text_encoder",))
+    make_adapter_file(tmp_path / "conv.safetensors", seed=2, unet_targets="unet-attention-conv", text_encoders=())
+    pipe = build_toy_sdxl_pipeline(0)
+    unet = pipe.unet
+    projections = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(UNET_ATTENTION)]
+    clip = [n for n, m in pipe.text_encoder.named_modules() if isinstance(m, torch.nn.Linear)
+            and n.endswith(CLIP_ATTENTION)]  # fmt: skip
+    convs = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and n.endswith((".conv1", ".conv2"))]
+    assert projections and convs
+    library = AdapterLibrary(tmp_path)
+    attention_only = library.info("attn")
+    assert attention_only.layers["unet"] == (len(projections), 0)
+    described = attention_only.describe().split("; ")[-1].split(", ")
+    assert sorted(described) == [f"text_encoder {len(clip)} layers", f"unet {len(projections)} layers"]
+    locon = library.info("conv").describe()
+    assert locon.endswith(f"; unet {len(projections) + len(convs)} layers ({len(convs)} convolutions)")
+
+
 def test_sd3_rows_weigh_the_transformer_and_all_three_text_encoders(tmp_path):
     """The studio's weights come from the pipeline's model family: on SD3 the denoiser weight goes to the
     transformer and the text-encoder weight to both CLIPs and T5; the image matches the API's."""
