@@ -329,9 +329,35 @@ def _layout_from_models(source: str, models: dict[str, nn.Module]) -> BaseLayout
     return BaseLayout(source, unet_config, family, models)
 
 
+# The text embedding width the UNet's cross-attention reads (attn2.to_k / to_v inputs) in the published bases: CLIP-L
+# for SD 1.x, OpenCLIP-H for SD 2.x, both encoders concatenated for SDXL.
+_CROSS_WIDTHS = {768: "sd1", 1024: "sd1", 2048: "sdxl"}
+
+
+def family_from_tensors(adapter: AdapterFile) -> str | None:
+    """The base family an adapter was trained for, where its own tensors tell (``sd3``, ``sdxl`` or ``sd1``; SD 2.x
+    counts as ``sd1``, whose kohya names it shares), else None: a transformer is SD3's; a second text encoder, or
+    cross-attention projections reading 2048 channels, SDXL's; 768 or 1024 channels, SD 1.x / 2.x's."""
+    if "transformer" in adapter.components:
+        return "sd3"
+    if "text_encoder_2" in adapter.components:
+        return "sdxl"
+    if "unet" not in adapter.components:
+        return None
+    tensors = adapter.state_dicts["unet"]
+    widths = set()
+    for module in adapter.module_names("unet"):
+        if module.endswith(("attn2.to_k", "attn2.to_v")):
+            a = tensors[f"{module}.gralora_A"]  # [k, in / k, r]
+            widths.add(a.shape[0] * a.shape[1])
+    families = {_CROSS_WIDTHS.get(w) for w in widths}
+    return families.pop() if len(families) == 1 else None
+
+
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
     """The base whose layout names the export: ``base`` if given, else the adapter's recorded base if it can be read
-    offline (a local folder or a downloaded hub id), else SDXL's published UNet layout. The adapter is checked against
+    offline (a local folder or a downloaded hub id), else the family its tensors tell (``family_from_tensors``: SD 1.x
+    names need no UNet config), else SDXL's published UNet layout. The adapter is checked against
     a base that could be read (module names and shapes)."""
     if base is not None:
         models = base_skeleton(base)
@@ -345,6 +371,12 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
             except ExportError:
                 models = None
         if models is None:
+            family = family_from_tensors(adapter)
+            if family == "sd1":
+                return BaseLayout("SD 1.x / 2.x (told by the adapter's cross-attention width; pass --base to read the "
+                                  "base itself)", None, "sd1")  # fmt: skip
+            if family == "sd3":
+                return BaseLayout("SD3 (the adapter adapts a transformer)", None, "sd3")
             return BaseLayout("SDXL (built-in layout; pass --base to read another)", SDXL_UNET_CONFIG, "sdxl")
     check_fits(models, adapter)
     return _layout_from_models(source, models)

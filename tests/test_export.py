@@ -331,6 +331,58 @@ def test_sd15_kohya_export_keeps_diffusers_block_names(tmp_path):
     assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
 
 
+def _sd15_width_pipeline(seed: int = 0):
+    """The toy SD 1.5 pipeline with SD 1.5's text width: a 768-wide text encoder and cross-attention reading it."""
+    from transformers import CLIPTextModel
+
+    from gralora_diffusion.toy import _text_encoder_config, _toy_unet
+
+    pipe = build_toy_sd15_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.unet = _toy_unet(cross_attention_dim=768)
+    torch.manual_seed(seed + 1)
+    vocab = pipe.text_encoder.config.vocab_size
+    pipe.text_encoder = CLIPTextModel(_text_encoder_config(vocab, projection=False, width=768, layers=1))
+    return pipe
+
+
+def test_kohya_export_without_a_readable_base_tells_sd1_by_the_cross_attention_width(tmp_path):
+    """No --base and a recorded base that cannot be read: an adapter whose cross-attention reads SD 1.x's 768-wide
+    text embedding is named as kohya's SD 1.x LoRAs (diffusers' block names, ``lora_te_``), not by SDXL's layout, and
+    diffusers' SD 1.5 kohya loader reproduces it."""
+    from gralora_diffusion.export import family_from_tensors
+
+    path = make_adapter_file(
+        tmp_path / "sd15.safetensors", seed=3, text_encoders=("text_encoder",), b_scale=0.2,
+        pipeline_builder=_sd15_width_pipeline, metadata={"base_model": "nowhere/sd15"},
+    )  # fmt: skip
+    assert family_from_tensors(gd.read_adapter(path)) == "sd1"
+    out = tmp_path / "sd15-kohya.safetensors"
+    result = export_lora(path, out, "kohya", exact=True)
+    assert result.unet_naming.startswith("SD 1.x / 2.x")
+    lora = load_file(str(out))
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in lora
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in lora
+    assert not any(key.startswith(("lora_te1_", "lora_unet_input_blocks")) for key in lora)
+    ours, theirs = gralora_pipe(path, _sd15_width_pipeline), lora_pipe(out, _sd15_width_pipeline)
+    assert (unet_out(ours) - unet_out(_sd15_width_pipeline(0))).abs().max() > 1e-2
+    assert (unet_out(ours) - unet_out(theirs)).abs().max() <= 1e-4
+    assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
+
+
+def test_family_from_tensors_reads_sdxl_and_sd3_and_stays_silent_when_unsure(tmp_path):
+    from gralora_diffusion.export import family_from_tensors
+    from gralora_diffusion.toy import build_toy_sd3_pipeline
+
+    sdxl = gd.read_adapter(make_adapter_file(tmp_path / "xl.safetensors", seed=1))  # both text encoders
+    assert family_from_tensors(sdxl) == "sdxl"
+    sd3 = gd.read_adapter(make_adapter_file(tmp_path / "sd3.safetensors", seed=1, text_encoders=(),
+                                            pipeline_builder=build_toy_sd3_pipeline))  # fmt: skip
+    assert family_from_tensors(sd3) == "sd3"
+    toy_unet_only = gd.read_adapter(make_adapter_file(tmp_path / "u.safetensors", seed=1, text_encoders=()))
+    assert family_from_tensors(toy_unet_only) is None  # a 64-wide toy cross-attention is no published base's
+
+
 # --- failures --------------------------------------------------------------------------------------------------
 
 
