@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,22 @@ from PIL import Image, ImageDraw
 from . import adapters as api
 from .bases import resolve_base, shown_path
 from .fs import write_file_atomically, write_text_atomically
-from .world import STRIPES_PRESENT, STYLE_WORDS, SUBJECT_PROMPT, stripe_strength, style_example, subject_example
+from .world import (
+    STRIPES_PRESENT,
+    STYLE_WORDS,
+    SUBJECT_COLOR,
+    SUBJECT_PROMPT,
+    SUBJECT_SHAPE,
+    stripe_strength,
+    style_example,
+    subject_example,
+)
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
 SEEDS = (0, 1)  # the grid's
 EVAL_SEED = 100  # fresh images are judged at seeds 100, 101, ...
 STYLE_WEIGHT_IN_BLEND = 0.7
+SUBJECT = (SUBJECT_SHAPE, SUBJECT_COLOR[0])  # the evaluator's (shape, colour) for the subject
 SUBJECT_ON_STYLED = "sks x 1.0 on the styled trigger"  # the subject alone, prompted with the style's words too
 # The main job's settings (the command line's defaults).
 DEFAULTS = {
@@ -200,6 +211,10 @@ def run_demo(
                              base_unrelated)
         for name in fresh
     }  # fmt: skip
+    # what the evaluator saw instead of the subject at 1.0: a wrong shape and a wrong colour call for other fixes
+    seen = judge(evaluator, fresh["sks x 1.0"])
+    misses = Counter(f"{c} {s}" for s, c in zip(seen["shape"], seen["color"]) if (s, c) != SUBJECT)
+    scores["sks x 1.0"]["misses"] = dict(misses.most_common())
     scores[SUBJECT_ON_STYLED] = {"recognised": recognised_share(judge(evaluator, subject_on_styled))}
     scores[blend] = {"recognised": recognised_share(judge(evaluator, blended)), "style_present": _style_rate(blended)}
     style = {
@@ -311,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     base_rate = report["style"]["present_in_base_images_of_the_styled_trigger"]
     alone = report["style"]["present_at_1.0_on_unrelated_prompts"]
     on_styled = report["scores"][SUBJECT_ON_STYLED]["recognised"]
+    misses = report["scores"]["sks x 1.0"]["misses"]
+    if misses:
+        print("sks x 1.0, judged instead of the subject: " + ", ".join(f"{n} {what}" for what, n in misses.items()))
     print(f"{SUBJECT_ON_STYLED} (style at 0): subject recognised {on_styled:.0%}")
     print(f"zwx x 1.0 on the styled unrelated prompts: style present {alone:.0%}")
     print(f"{blend}: subject recognised {b['recognised']:.0%}, style present {b['style_present']:.0%} "
