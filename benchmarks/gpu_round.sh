@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every measurement this project's CPU machines cannot make, in one run on a lent GPU (an H100 or H200; about 6-8
-# minutes of GPU time, each step under its own time limit so a slow one cannot starve the rest):
+# Every measurement this project's CPU machines cannot make, in one run on a lent GPU (an H100 or H200; at most 8
+# minutes of GPU time, each step under its own time limit, 450 s in all, inside the device tool's 600 s per call):
 #   1. the full-size SDXL UNet training step (2.6 B parameters, 1024 px, batch 1, bf16 autocast), r 16 and 64:
 #      PEFT LoRA with and without its input cast, PEFT's GraLoRA, the package's GraLoRA, and --gralora_recompute;
 #   2. one adapted linear layer at SDXL shapes (operators, host time, time, memory; benchmarks/layers.py);
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to $OUT/NA
 }
 
 cd benchmarks
-step train_step-sdxl 300 python3 train_step.py --models sdxl --batch 1 --ranks 16 64 --repeats 5 \
+step train_step-sdxl 240 python3 train_step.py --models sdxl --batch 1 --ranks 16 64 --repeats 5 \
   --out "$OUT/train_step-sdxl.json"
-step layers 150 python3 layers.py --out "$OUT/layers-cuda.json"
-step conv_layers 120 python3 conv_layers.py --device cuda --dtype bfloat16 --out "$OUT/conv_layers-cuda.json"
+step layers 120 python3 layers.py --out "$OUT/layers-cuda.json"
+step conv_layers 90 python3 conv_layers.py --device cuda --dtype bfloat16 --out "$OUT/conv_layers-cuda.json"

@@ -336,14 +336,15 @@ _CROSS_WIDTHS = {768: "sd1", 1024: "sd1", 2048: "sdxl"}
 
 def family_from_tensors(adapter: AdapterFile) -> str | None:
     """The base family an adapter was trained for, where its own tensors tell (``sd3``, ``sdxl`` or ``sd1``; SD 2.x
-    counts as ``sd1``, whose kohya names it shares), else None: a transformer is SD3's; a second text encoder, or
+    counts as ``sd1``, whose kohya names it shares), else None: a transformer or a third text encoder is SD3's; a second
+    text encoder, or
     cross-attention projections reading 2048 channels, SDXL's; 768 or 1024 channels, SD 1.x / 2.x's."""
-    if "transformer" in adapter.components:
+    if {"transformer", "text_encoder_3"} & set(adapter.components):
         return "sd3"
     if "text_encoder_2" in adapter.components:
         return "sdxl"
     if "unet" not in adapter.components:
-        return None
+        return None  # a text encoder alone: SD 1.x's CLIP-L is SDXL's first encoder too
     tensors = adapter.state_dicts["unet"]
     widths = set()
     for module in adapter.module_names("unet"):

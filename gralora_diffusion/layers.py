@@ -203,10 +203,17 @@ class GraloraLinear(PeftGraloraLinear):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast and x.dtype == torch.float32 and isinstance(self.get_base_layer(), (nn.Linear, nn.Conv2d)):
+            # Under mixed precision a layer's input is often fp32 (CUDA autocast runs layer and group norms in fp32).
+            # Autocast would cast it for the frozen layer and again for every adapter, and each keeps its own copy
+            # (and --gralora_recompute the fp32 original) for backward: cast once, and all share that one copy.
+            low = torch.get_autocast_dtype(x.device.type)
+            if low != torch.float32:
+                x = x.to(low)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or self.transient_scale == 0.0:
             return result
-        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.gralora_A:
                 continue

@@ -78,7 +78,8 @@ class AdapterInfo:
         parts = []
         for component in self.components:
             count, convs = self.layers.get(component, (0, 0))
-            layers = f" {count} layers" + (f" ({convs} convolutions)" if convs else "") if count else ""
+            plural = "" if count == 1 else "s"
+            layers = f" {count} layer{plural}" + (f" ({convs} convolutions)" if convs else "") if count else ""
             parts.append(component + layers)
         return f"{trigger}; {shape}; base: {self.base_model or 'unrecorded'}; {', '.join(parts)}"
 

@@ -238,6 +238,34 @@ def test_memory_lean_conv_keeps_only_the_input_the_base_conv_keeps_anyway():
     assert saved["recomputed"] == saved["base"] < saved["lora"] < saved["stored"]
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_under_autocast_an_fp32_input_is_cast_once_and_shared_with_the_frozen_layer(kind):
+    """Mixed precision: a UNet layer's input is often fp32 (CUDA autocast runs group and layer norms in fp32) and not
+    a leaf (autocast caches no cast of it). The layer casts it once, so with --gralora_recompute the adapter keeps at
+    most that one bf16 copy (before: the fp32 input, twice its bytes, beside the frozen layer's own bf16 copy)."""
+    from gralora_diffusion.layers import use_memory_lean_training
+
+    if kind == "conv":
+        shape, make = (2, 32, 8, 8), lambda: nn.Conv2d(32, 32, 3, padding=1)
+    else:
+        shape, make = (2, 64, 32), lambda: nn.Linear(32, 32)
+    leaf = torch.randn(*shape, requires_grad=True)
+    saved = {}
+    for variant in ("base", "recomputed"):
+        torch.manual_seed(0)
+        model = OneConv(make())
+        if variant == "recomputed":
+            inject_gralora(model, make_gralora_config(8, ["conv"]))
+            assert use_memory_lean_training(model) == 1
+        (model.conv if variant == "base" else model.conv.get_base_layer()).requires_grad_(False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved[variant] = _saved_bytes(model, leaf * 1.0)  # fp32, not a leaf
+    # A frozen convolution keeps its bf16 input (and weight copy) for backward: the adapter adds nothing. A frozen
+    # linear keeps only its weight copy (its weight needs no gradient): the adapter adds the bf16 input, once.
+    extra = 0 if kind == "conv" else leaf.numel() * 2
+    assert saved["recomputed"] == saved["base"] + extra
+
+
 def test_memory_lean_conv_under_bf16_autocast_matches_the_stored_forward():
     """The trainer's mixed precision: the recomputing backward reruns the first convolution under the forward's
     autocast state, so the factors' gradients are the default forward's, and the input's agrees to bf16 rounding."""

@@ -381,6 +381,16 @@ def test_family_from_tensors_reads_sdxl_and_sd3_and_stays_silent_when_unsure(tmp
     assert family_from_tensors(sd3) == "sd3"
     toy_unet_only = gd.read_adapter(make_adapter_file(tmp_path / "u.safetensors", seed=1, text_encoders=()))
     assert family_from_tensors(toy_unet_only) is None  # a 64-wide toy cross-attention is no published base's
+    from gralora_diffusion.io import AdapterFile
+
+    def cross_attention_reading(width: int, k: int = 2, r: int = 4) -> AdapterFile:
+        module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+        tensors = {f"{module}.gralora_A": torch.zeros(k, width // k, r), f"{module}.gralora_B": torch.zeros(k, r, 8)}
+        return AdapterFile(state_dicts={"unet": tensors}, configs={})
+
+    # SDXL's two encoders side by side, SD 2.x's OpenCLIP-H, SD 1.x's CLIP-L, the SDXL refiner's 1280 (not told)
+    assert [family_from_tensors(cross_attention_reading(w)) for w in (2048, 1024, 768, 1280)] == [
+        "sdxl", "sd1", "sd1", None]  # fmt: skip
 
 
 # --- failures --------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def test_demo_teaches_the_subject_and_keeps_the_rest(tmp_path, capsys):
     misses = tuned["misses"]  # what the evaluator saw instead: every miss, none of them the subject
     assert sum(misses.values()) == round((1 - tuned["recognised"]) * len(report["eval_seeds"])), misses
     assert "teal moon" not in misses
-    assert ("judged instead of the subject: " + ", ".join(f"{n} {w}" for w, n in misses.items())) in printed
+    if misses:
+        assert ("judged instead of the subject: " + ", ".join(f"{n} {w}" for w, n in misses.items())) in printed
     assert tuned["similarity"] >= base["similarity"] + 0.35, scores
     assert tuned["drift"] <= 0.08, scores
     assert blend["recognised"] >= 0.4, scores  # the style does not wipe the subject out
