@@ -41,7 +41,9 @@ class OneConv(nn.Module):
         return self.conv(x)
 
 
-def build(variant: str, channels: int, rank: int, device, dtype) -> nn.Module:
+def build(variant: str, channels: int, rank: int, device, dtype, base_dtype=None) -> nn.Module:
+    """One conv in ``variant``, adapter weights in ``dtype``, the frozen conv in ``base_dtype`` (default ``dtype``):
+    the trainer's mixed precision keeps frozen weights in bf16 and trainable ones in fp32."""
     torch.manual_seed(0)
     model = OneConv(channels)
     if variant == "lora":
@@ -55,13 +57,18 @@ def build(variant: str, channels: int, rank: int, device, dtype) -> nn.Module:
         for name, p in model.named_parameters():
             if "lora_B" in name or "gralora_B" in name:
                 p.normal_(0, 0.01)
-    return model.to(device, dtype)
+    model.to(device, dtype)
+    if base_dtype is not None:
+        for name, p in model.named_parameters():
+            if "lora_" not in name and "gralora_" not in name:  # the frozen conv; the adapter stays in dtype
+                p.data = p.data.to(base_dtype)
+    return model
 
 
 def run_shape(channels: int, side: int, rank: int, args, device, dtype, half) -> list[dict]:
     x = torch.randn(args.batch, channels, side, side, generator=torch.Generator().manual_seed(0))
     x = x.to(device, dtype).requires_grad_(True)
-    models = {v: build(v, channels, rank, device, dtype) for v in VARIANTS}
+    models = {v: build(v, channels, rank, device, dtype, half) for v in VARIANTS}
     rows = []
     with autocast(device, half):
         steps, resets = training_steps(models, x)
@@ -85,8 +92,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="bfloat16: a bf16 base conv under autocast, fp32 adapter weights (the trainer's mixed "
-                        "precision)")  # fmt: skip
+                        help="bfloat16: a bf16 base conv under autocast, fp32 adapter weights and input (the "
+                        "trainer's mixed precision; a ResNet conv's input comes from a group norm, fp32 under CUDA "
+                        "autocast)")  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--shapes", default=",".join(f"{c}x{s}" for c, s in SDXL_SHAPES),
                         help="CHANNELSxSIDE,... (default: SDXL's ResNet widths at 1024 px)")  # fmt: skip
