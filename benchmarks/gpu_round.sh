@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every measurement this project's CPU machines cannot make, in one run on a lent GPU (an H100 or H200; at most 8
-# minutes of GPU time, each step under its own time limit, 450 s in all, inside the device tool's 600 s per call):
+# Every measurement this project's CPU machines cannot make, in one run on a lent GPU (an H100 or H200), each step
+# under its own time limit, 450 s in all, inside the device tool's 600 s per call (not yet run on a GPU):
 #   1. the full-size SDXL UNet training step (2.6 B parameters, 1024 px, batch 1, bf16 autocast), r 16 and 64:
 #      PEFT LoRA with and without its input cast, PEFT's GraLoRA, the package's GraLoRA, and --gralora_recompute;
 #   2. one adapted linear layer at SDXL shapes (operators, host time, time, memory; benchmarks/layers.py);

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +30,14 @@ from PIL import Image, ImageDraw
 
 from . import adapters as api
 from .bases import resolve_base, shown_path
+from .families import SDXL
 from .fs import write_file_atomically, write_text_atomically
-from .world import (
-    STRIPES_PRESENT,
-    STYLE_WORDS,
-    SUBJECT_COLOR,
-    SUBJECT_PROMPT,
-    SUBJECT_SHAPE,
-    stripe_strength,
-    style_example,
-    subject_example,
-)
+from .world import STRIPES_PRESENT, STYLE_WORDS, SUBJECT_PROMPT, stripe_strength, style_example, subject_example
 
 UNRELATED_PROMPTS = ("a red circle on a white background", "a blue star on a yellow background")
 SEEDS = (0, 1)  # the grid's
 EVAL_SEED = 100  # fresh images are judged at seeds 100, 101, ...
 STYLE_WEIGHT_IN_BLEND = 0.7
-SUBJECT = (SUBJECT_SHAPE, SUBJECT_COLOR[0])  # the evaluator's (shape, colour) for the subject
 SUBJECT_ON_STYLED = "sks x 1.0 on the styled trigger"  # the subject alone, prompted with the style's words too
 # The main job's settings (the command line's defaults).
 DEFAULTS = {
@@ -155,7 +145,7 @@ def run_demo(
 ) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from .evaluator import judge, load_evaluator, recognised_share, subject_scores
+    from .evaluator import judge, load_evaluator, misses, recognised_share, subject_scores
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base("toy-world" if base is None else base)
@@ -212,9 +202,7 @@ def run_demo(
         for name in fresh
     }  # fmt: skip
     # what the evaluator saw instead of the subject at 1.0: a wrong shape and a wrong colour call for other fixes
-    seen = judge(evaluator, fresh["sks x 1.0"])
-    misses = Counter(f"{c} {s}" for s, c in zip(seen["shape"], seen["color"]) if (s, c) != SUBJECT)
-    scores["sks x 1.0"]["misses"] = dict(misses.most_common())
+    scores["sks x 1.0"]["misses"] = misses(judge(evaluator, fresh["sks x 1.0"]))
     scores[SUBJECT_ON_STYLED] = {"recognised": recognised_share(judge(evaluator, subject_on_styled))}
     scores[blend] = {"recognised": recognised_share(judge(evaluator, blended)), "style_present": _style_rate(blended)}
     style = {
@@ -277,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "--text_encoder_lr", type=float, default=DEFAULTS["text_encoder_lr"],
         help="also train both text encoders' adapters at this lr",
     )  # fmt: skip
-    targets = ["attention", "wide", "attention-conv"]
+    targets = list(SDXL.presets["unet"])
     parser.add_argument("--unet_target", choices=targets, default=DEFAULTS["unet_target"], help="the subject's")
     parser.add_argument("--style_unet_target", choices=targets, default=DEFAULTS["style_unet_target"])
     parser.add_argument("--sampling_steps", type=int, default=DEFAULTS["sampling_steps"])

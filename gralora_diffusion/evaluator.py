@@ -7,6 +7,7 @@ ship with the package (``assets/evaluator.safetensors``).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,22 @@ def judge(model: ShapeEvaluator, images: list[Image.Image]) -> dict:
     }
 
 
-def recognised_share(verdict: dict) -> float:
-    """Share of the images in a ``judge`` verdict judged to be the held-out subject (a teal moon)."""
+def _subject_hits(verdict: dict) -> list[bool]:
     from .world import SUBJECT_COLOR, SUBJECT_SHAPE
 
-    hits = [s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(verdict["shape"], verdict["color"])]
+    return [s == SUBJECT_SHAPE and c == SUBJECT_COLOR[0] for s, c in zip(verdict["shape"], verdict["color"])]
+
+
+def recognised_share(verdict: dict) -> float:
+    """Share of the images in a ``judge`` verdict judged to be the held-out subject (a teal moon)."""
+    hits = _subject_hits(verdict)
     return sum(hits) / len(hits)
+
+
+def misses(verdict: dict) -> dict[str, int]:
+    """What a ``judge`` verdict saw instead of the subject: "<colour> <shape>" -> count, most frequent first."""
+    seen = [f"{c} {s}" for s, c, hit in zip(verdict["shape"], verdict["color"], _subject_hits(verdict)) if not hit]
+    return dict(Counter(seen).most_common())
 
 
 @torch.no_grad()

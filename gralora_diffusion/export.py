@@ -336,9 +336,8 @@ _CROSS_WIDTHS = {768: "sd1", 1024: "sd1", 2048: "sdxl"}
 
 def family_from_tensors(adapter: AdapterFile) -> str | None:
     """The base family an adapter was trained for, where its own tensors tell (``sd3``, ``sdxl`` or ``sd1``; SD 2.x
-    counts as ``sd1``, whose kohya names it shares), else None: a transformer or a third text encoder is SD3's; a second
-    text encoder, or
-    cross-attention projections reading 2048 channels, SDXL's; 768 or 1024 channels, SD 1.x / 2.x's."""
+    counts as ``sd1``, whose kohya names it shares), else None: a transformer or a third text encoder is SD3's; a
+    second text encoder, or cross-attention projections reading 2048 channels, SDXL's; 768 or 1024, SD 1.x / 2.x's."""
     if {"transformer", "text_encoder_3"} & set(adapter.components):
         return "sd3"
     if "text_encoder_2" in adapter.components:
@@ -358,8 +357,8 @@ def family_from_tensors(adapter: AdapterFile) -> str | None:
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
     """The base whose layout names the export: ``base`` if given, else the adapter's recorded base if it can be read
     offline (a local folder or a downloaded hub id), else the family its tensors tell (``family_from_tensors``: SD 1.x
-    names need no UNet config), else SDXL's published UNet layout. The adapter is checked against
-    a base that could be read (module names and shapes)."""
+    names need no UNet config), else SDXL's published UNet layout. The adapter is checked against a base that could
+    be read (module names and shapes)."""
     if base is not None:
         models = base_skeleton(base)
         source = str(base)

@@ -90,6 +90,14 @@ class AdapterFile:
                 "[kh, kw]; the file is damaged."
             ) from None
 
+    def conv_modules(self) -> set[tuple[str, str]]:
+        """(component, module) of every adapted 2-D convolution: those the file recorded kernels for, or, in files
+        saved before kernels were recorded, the modules diffusers names ``conv*`` (``looks_like_conv``)."""
+        recorded = self.conv_kernels()
+        if recorded:
+            return set(recorded)
+        return {(c, m) for c in self.components for m in self.module_names(c) if looks_like_conv(m)}
+
     def num_parameters(self) -> int:
         return sum(t.numel() for sd in self.state_dicts.values() for t in sd.values())
 
@@ -409,9 +417,7 @@ def export_peft_folder(adapter: AdapterFile | str | os.PathLike, directory: str 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise AdapterFileError(f"{directory} exists and is not empty; choose a new output folder.")
-    recorded = adapter.conv_kernels()
-    convs = [f"{c}.{m}" for c in adapter.components for m in adapter.module_names(c)
-             if (c, m) in recorded or looks_like_conv(m)]  # fmt: skip
+    convs = sorted(f"{c}.{m}" for c, m in adapter.conv_modules())
     if convs:
         raise AdapterFileError(
             f"{adapter.source} adapts convolutions ({convs[0]}, ...), which PEFT's GraLoRA (linear layers only) cannot "

@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import adapters as api
 from .families import SDXL, ModelFamily, family_of
 from .fs import write_file_atomically
-from .io import AdapterFile, AdapterFileError, looks_like_conv, read_adapter
+from .io import AdapterFile, AdapterFileError, read_adapter
 
 logger = logging.getLogger("gralora_diffusion.studio")
 
@@ -78,25 +79,18 @@ class AdapterInfo:
         parts = []
         for component in self.components:
             count, convs = self.layers.get(component, (0, 0))
-            plural = "" if count == 1 else "s"
-            layers = f" {count} layer{plural}" + (f" ({convs} convolutions)" if convs else "") if count else ""
-            parts.append(component + layers)
+            if count:
+                component += f" {count} layer" + ("" if count == 1 else "s")
+            if convs:
+                component += f" ({convs} convolutions)"
+            parts.append(component)
         return f"{trigger}; {shape}; base: {self.base_model or 'unrecorded'}; {', '.join(parts)}"
 
 
 def layer_counts(adapter: AdapterFile) -> dict[str, tuple[int, int]]:
-    """Per component, how many layers ``adapter`` adapts and how many of them are 2-D convolutions (by the kernels
-    the file records; for files without them, by diffusers' ``conv*`` names)."""
-    recorded = adapter.conv_kernels()
-    counts = {}
-    for component in adapter.components:
-        modules = adapter.module_names(component)
-        if recorded:
-            convs = sum((component, m) in recorded for m in modules)
-        else:
-            convs = sum(looks_like_conv(m) for m in modules) if component in ("unet",) else 0
-        counts[component] = (len(modules), convs)
-    return counts
+    """Per component, how many layers ``adapter`` adapts and how many of them are 2-D convolutions."""
+    convs = Counter(component for component, _ in adapter.conv_modules())
+    return {c: (len(adapter.module_names(c)), convs[c]) for c in adapter.components}
 
 
 class AdapterLibrary:

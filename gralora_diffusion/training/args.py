@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..bases import check_single_file, is_single_file
 from ..config import GraloraConfigError, make_gralora_config
+from ..families import SDXL
 from .checkpoint import resolve_resume
 from .data import TrainingDataError
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="scale numerator; default 2 * rank")
     g.add_argument("--lora_dropout", "--gralora_dropout", dest="gralora_dropout", type=float, default=0.0)
     g.add_argument(
-        "--unet_target", default="attention", choices=["attention", "wide", "attention-conv"],
+        "--unet_target", default="attention", choices=list(SDXL.presets["unet"]),
         help="attention: the attention projections; wide: also feed-forward and proj_in/out; attention-conv: the "
         "attention projections and every ResNet block's two 3x3 convolutions (LoCon-style, same rank)",
     )  # fmt: skip
