@@ -151,12 +151,13 @@ def run_demo(
     base_path = resolve_base("toy-world" if base is None else base)
     t0 = time.perf_counter()
     subject_images = write_subject_images(out_dir / "instances")
-    training = train_adapter(subject_images, SUBJECT_PROMPT, out_dir / "sks-shape", base_path, train_steps, rank,
+    named = "toy-world" if base is None else str(base)  # what the adapters record; base_path is where it lies
+    training = train_adapter(subject_images, SUBJECT_PROMPT, out_dir / "sks-shape", named, train_steps, rank,
                              learning_rate, text_encoder_lr, seed, unet_target)  # fmt: skip
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     style_images = write_style_images(out_dir / "style-instances")
-    style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", base_path, style_steps,
+    style_training = train_adapter(style_images, styled("a shape"), out_dir / "zwx-style", named, style_steps,
                                    rank, style_learning_rate, text_encoder_lr, seed, style_unet_target)  # fmt: skip
     t_train_style = time.perf_counter() - t0
 

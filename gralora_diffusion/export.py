@@ -40,6 +40,7 @@ from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import save_file
 from torch import nn
 
+from .bases import is_registered, resolve_base
 from .families import ALL_COMPONENTS as COMPONENTS
 from .families import family_named, family_of_components
 from .fs import write_file_atomically
@@ -366,8 +367,9 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
         recorded = adapter.base_model
         models, source = None, f"the recorded base {recorded}"
         if recorded:
-            try:
-                models = base_skeleton(recorded, local_files_only=True)
+            try:  # a name from this project's registry ("toy-world") reads the base it names
+                models = base_skeleton(resolve_base(recorded) if is_registered(recorded) else recorded,
+                                       local_files_only=True)  # fmt: skip
             except ExportError:
                 models = None
         if models is None:

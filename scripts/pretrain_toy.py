@@ -237,12 +237,15 @@ class EncodedWorld:
 
 def train_unet(
     pipe, steps, batch, lr, ema_decay, snr_gamma, train_text, device, log, on_eval=None, dataset_size: int = 0,
-    compare_decays=(),
+    compare_decays=(), uncond: str = "empty",
 ):  # fmt: skip
     """Train the UNet (and the text encoders if ``train_text``); returns EMA copies of what was trained, by name,
     and, for each of ``compare_decays``, another EMA copy kept alongside (0: the raw trained weights), by decay.
 
-    ``on_eval(step, ema_modules)`` is called after every step.
+    ``on_eval(step, ema_modules)`` is called after every step. ``uncond`` is what a dropped caption (10% of them)
+    becomes: ``"empty"`` the embeddings of the empty prompt, ``"zeros"`` zero embeddings, as SDXL was trained, and as
+    diffusers' SDXL pipeline samples (``force_zeros_for_empty_prompt``: the unconditional half of classifier-free
+    guidance is zeros, not the encoded empty prompt).
     """
     from diffusers import DDPMScheduler
 
@@ -285,6 +288,9 @@ def train_unet(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         embeds, pooled = embed(captions)
+        if uncond == "zeros":  # SDXL's conditioning dropout: the dropped captions' embeddings are zeros
+            keep = (~drop).to(device, embeds.dtype)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         per_example = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = torch.clamp(snr[t], max=snr_gamma) / snr[t] if snr_gamma > 0 else torch.ones_like(per_example)
@@ -376,6 +382,12 @@ def judge_pipeline(pipe, per_prompt: int = 3, steps: int = 20, guidance: float =
     return {"images": n, "shape_and_color_correct": both / n, "attribute_accuracy": attributes / (2 * n), "rows": rows}
 
 
+def same_pipeline(pipe, modules: dict):
+    """``pipe`` with some of its models replaced (EMA copies), and its settings (the unconditional input) kept."""
+    return type(pipe)(**(pipe.components | modules),
+                      force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)  # fmt: skip
+
+
 def save_atomically(out: Path, model, report_name: str, report: dict, subfolder: str = "") -> None:
     """``model.save_pretrained`` (safetensors) into ``out/subfolder`` plus ``out/report_name``, written under a
     temporary name and renamed, so ``out`` is never left half-written."""
@@ -434,6 +446,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--snr_gamma", type=float, default=5.0)
+    parser.add_argument(
+        "--uncond", choices=["empty", "zeros"], default="empty",
+        help="dropped captions (10%%) train on the empty prompt's embeddings (the shipped base) or on zeros (SDXL's "
+        "way)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--force_zeros_for_empty_prompt", type=int, choices=[0, 1], default=1,
+        help="the saved pipeline's setting: 1 (SDXL's default, the shipped base) samples guidance's unconditional half "
+        "from zero embeddings, 0 from the encoded empty prompt; see the README's seventh round for what each gives",
+    )  # fmt: skip
     parser.add_argument("--train_text_encoders", type=int, default=1, help="1: train both text encoders with the UNet")
     parser.add_argument("--eval_at", type=int, nargs="*", default=[], help="also judge the EMA UNet at these steps")
     parser.add_argument(
@@ -460,6 +482,7 @@ def main() -> None:
             "vae_groups": args.vae_groups, "latent_channels": args.latent_channels,
             "attention_levels": args.attention_levels}  # fmt: skip
     pipe = build_toy_sdxl_pipeline(0, **arch)
+    pipe.register_to_config(force_zeros_for_empty_prompt=bool(args.force_zeros_for_empty_prompt))
     pipe.set_progress_bar_config(disable=True)
     for model in (pipe.text_encoder, pipe.text_encoder_2):
         model.requires_grad_(False)
@@ -505,19 +528,19 @@ def main() -> None:
 
     def on_eval(step, ema):
         if step in args.eval_at:
-            score = judge_pipeline(type(pipe)(**(pipe.components | ema)), device=device)
+            score = judge_pipeline(same_pipeline(pipe, ema), device=device)
             checkpoints[step] = {k: v for k, v in score.items() if k != "rows"} | {"seconds": time.time() - start}
             log(f"step {step}: shape and colour correct {score['shape_and_color_correct']:.3f}")
 
     ema, compared = train_unet(pipe, args.unet_steps, args.batch, args.lr, args.ema_decay, args.snr_gamma,
                                bool(args.train_text_encoders), device, log, on_eval, args.dataset_size,
-                               args.compare_ema)  # fmt: skip
+                               args.compare_ema, args.uncond)  # fmt: skip
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
     saved_dtype = getattr(torch, args.unet_dtype)
     pipe.unet.to(saved_dtype).to(torch.float32)  # judge the weights that will be saved, rounding included
     trained = time.time() - start + reused_seconds
-    variants = {decay: type(pipe)(**(pipe.components | modules)) for decay, modules in compared.items()}
+    variants = {decay: same_pipeline(pipe, modules) for decay, modules in compared.items()}
     for decay, variant in variants.items():
         score = judge_pipeline(variant, device=device)
         checkpoints[f"ema {decay}"] = {k: v for k, v in score.items() if k != "rows"}

@@ -310,9 +310,10 @@ def test_the_attention_conv_target_trains_every_resnet_convolution_under_bf16(to
     """Also with --gralora_recompute (linear and conv layers recompute their intermediate in backward): the same
     adapter, up to float rounding."""
     out = tmp_path / "conv"
+    logs = {}
+    flags = ["--max_train_steps=2", "--unet_target=attention-conv", "--mixed_precision=bf16", "--learning_rate=1e-3"]
     for name, extra in (("conv", []), ("lean", ["--gralora_recompute"])):
-        train(toy_base, instance_dir, out, "--max_train_steps=2", "--unet_target=attention-conv",
-              "--mixed_precision=bf16", f"--output_name={name}", "--learning_rate=1e-3", *extra)  # fmt: skip
+        logs[name] = train(toy_base, instance_dir, out, *flags, f"--output_name={name}", *extra).stderr
     lean = gd.read_adapter(out / "lean.safetensors").state_dicts["unet"]
     adapter = gd.read_adapter(out / "conv.safetensors")
     assert lean.keys() == adapter.state_dicts["unet"].keys()
@@ -326,6 +327,10 @@ def test_the_attention_conv_target_trains_every_resnet_convolution_under_bf16(to
     assert convs and set(convs) <= set(names) and any(n.endswith("to_q") for n in names)
     sd = adapter.state_dicts["unet"]
     assert all(sd[f"{n}.gralora_B"].abs().max() > 0 for n in convs)  # B starts at zero: every conv was trained
+    # the lean run really recomputed, in every adapted layer, convolutions included (the other run: none)
+    conv_count = len(adapter.conv_modules())
+    lean_line = f"--gralora_recompute: {len(names)} of {len(names)} adapted layers ({conv_count} convolutions)"
+    assert lean_line in logs["lean"] and "--gralora_recompute:" not in logs["conv"], logs["lean"][-2000:]
 
 
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_saves_nothing(toy_base, instance_dir, tmp_path):

@@ -85,6 +85,28 @@ def test_demo_teaches_the_subject_and_keeps_the_rest(tmp_path, capsys):
     assert report["max_abs_pixel_diff_fused_vs_unfused"] <= 2
     assert report["training"]["eval_loss_after"] < report["training"]["eval_loss_before"]
     assert report["style_training"]["eval_loss_after"] < report["style_training"]["eval_loss_before"]
+    check_adapter_names_its_base(tmp_path / "demo" / "sks-shape")
+
+
+def check_adapter_names_its_base(folder):
+    """A toy-world adapter records the base by its registry name (not this machine's path to it); the exporter
+    reads that base's own layout from the name, and its model card's loading code runs as written (on the CPU)."""
+    from gralora_diffusion.export import resolve_base_layout
+    from gralora_diffusion.io import read_adapter
+
+    adapter_file = next(folder.glob("*.safetensors"))
+    adapter = read_adapter(adapter_file)
+    assert adapter.base_model == "toy-world"
+    layout = resolve_base_layout(adapter)
+    assert layout.source == "the recorded base toy-world" and list(layout.unet_config["block_out_channels"]) == [48, 96]
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32")
+    code = code.replace(f'"{adapter_file.name}"', f'"{adapter_file}"')
+    code = code.replace('pipe("a photo of sks shape")', 'pipe("a photo of sks shape", num_inference_steps=2)')
+    namespace = {}
+    exec(compile(code, "model card", "exec"), namespace)  # noqa: S102 - the card's own snippet, ours
+    assert namespace["image"].size == (64, 64)
 
 
 def test_demo_command_line_reaches_run_demo_by_name(monkeypatch, tmp_path):

@@ -231,9 +231,10 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
             f"{checkpoint.name} was trained {trained} --train_text_encoder; resume with the same setting or start a "
             "new --output_dir."
         )
-    if adapter.base_model and adapter.base_model != str(args.pretrained_model_name_or_path):
+    named = getattr(args, "base_model_name", None) or str(args.pretrained_model_name_or_path)
+    if adapter.base_model and adapter.base_model not in (named, str(args.pretrained_model_name_or_path)):
         raise TrainingDataError(
-            f"{checkpoint.name} was trained on {adapter.base_model}, not {args.pretrained_model_name_or_path}; "
+            f"{checkpoint.name} was trained on {adapter.base_model}, not {named}; "
             "resume on the same base or start a new --output_dir."
         )
 

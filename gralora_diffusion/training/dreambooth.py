@@ -25,7 +25,7 @@ import torch
 from ..config import make_gralora_config
 from ..fs import remove_stale_temporaries, write_file_atomically, write_text_atomically
 from ..io import save_gralora_weights
-from ..layers import gralora_layers, use_memory_lean_training
+from ..layers import GraloraConv2d, gralora_layers, use_memory_lean_training
 from ..peft_ops import add_gralora_adapter
 from . import checkpoint as ckpt
 from .args import adapter_path, build_parser, check_args
@@ -138,8 +138,14 @@ def add_adapters(args, unet, text_encoders) -> dict:
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-        if args.gralora_recompute:
+    if args.gralora_recompute:
+        for model in models.values():
             use_memory_lean_training(model)
+        layers = [layer for model in models.values() for _, layer in gralora_layers(model)]
+        lean = [layer for layer in layers if layer.recompute_intermediate]
+        convs = sum(isinstance(layer, GraloraConv2d) for layer in lean)
+        logger.info(f"--gralora_recompute: {len(lean)} of {len(layers)} adapted layers ({convs} convolutions) "
+                    "recompute their k*r-wide intermediate in backward")  # fmt: skip
     return models
 
 
@@ -169,7 +175,7 @@ def build_pipeline(args, unet, text_encoders, tokenizers, vae, dtype):
 def save_adapter(path: Path, models: dict, accelerator, args, steps: int) -> Path:
     unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
     metadata = {
-        "base_model": args.pretrained_model_name_or_path,
+        "base_model": args.base_model_name,
         "trigger_prompt": args.instance_prompt,
         "steps": str(steps),
         "resolution": str(args.resolution),
@@ -215,9 +221,6 @@ def eval_loss(dataset, encoder, prompt_fn, unet, noise_scheduler, accelerator, w
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)  # entry point only
-    from ..bases import resolve_base
-
-    args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     try:
         instances = read_instances(args)
     except (TrainingDataError, ckpt.CheckpointError) as err:
@@ -266,6 +269,13 @@ class TrainResult:
 def train(args, instances: list | None = None) -> TrainResult:
     """Run a whole training: set up, resume if asked, loop, finish. ``args`` is the command line's namespace or
     ``make_config(...)``; ``instances`` default to reading them as the command line does."""
+    from ..bases import resolve_base
+
+    # the adapter records the base as it was named ("toy-world", a hub id, a folder), the models load from where the
+    # name resolves: a base from this project's registry is not recorded as this machine's path to it
+    if getattr(args, "base_model_name", None) is None:
+        args.base_model_name = str(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     if instances is None:
         instances = read_instances(args)
     trainer = DreamBoothTrainer(args, instances)
@@ -584,7 +594,7 @@ class DreamBoothTrainer:
                 write_file_atomically(final.with_name(f"{final.stem}.preview.png"), lambda tmp: tmp.write_bytes(first))
             unet_layer = next(layer for _, layer in gralora_layers(accelerator.unwrap_model(self.models["unet"])))
             write_model_card(
-                self.out, adapter_file=final.name, base_model=args.pretrained_model_name_or_path,
+                self.out, adapter_file=final.name, base_model=args.base_model_name,
                 instance_prompt=args.instance_prompt, rank=args.rank, gralora_k=unet_layer.gralora_k["default"],
                 alpha=unet_layer.alpha["default"], hybrid_r=args.hybrid_r, steps=self.global_step,
                 train_text_encoder=args.train_text_encoder, unet_target=args.unet_target,

@@ -25,7 +25,14 @@ def model_card(
 ) -> str:
     """Markdown with YAML front matter (tags for the Hub), settings, gallery and how to load the adapter."""
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in validation_images) or "(no validation images)"
+    from ..bases import is_registered
+
     loader = "from_single_file" if str(base_model).lower().endswith(".safetensors") else "from_pretrained"
+    source = f'"{base_model}"'
+    imports = "from gralora_diffusion import load_gralora_weights, set_gralora_adapters"
+    if is_registered(base_model):  # one of this project's toy bases: diffusers reads it from where it is installed
+        source = f'resolve_base("{base_model}")'
+        imports += "\nfrom gralora_diffusion.bases import resolve_base"
     return f"""---
 base_model: {base_model}
 tags:
@@ -63,9 +70,9 @@ trainer. Trigger prompt: **{instance_prompt}**.
 ```python
 import torch
 from diffusers import StableDiffusionXLPipeline
-from gralora_diffusion import load_gralora_weights, set_gralora_adapters
+{imports}
 
-pipe = StableDiffusionXLPipeline.{loader}("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionXLPipeline.{loader}({source}, torch_dtype=torch.float16).to("cuda")
 load_gralora_weights(pipe, "{adapter_file}", adapter_name="subject")
 set_gralora_adapters(pipe, ["subject"], [1.0])
 image = pipe("{instance_prompt}").images[0]
