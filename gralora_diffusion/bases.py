@@ -54,6 +54,16 @@ def is_registered(base: str | None) -> bool:
     return base is not None and (base == "toy-world" or _toy_kind(base) is not None)
 
 
+def same_base(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two ways of naming a base name the same one: a registered name and its folder ("toy-world" and the
+    installed folder), or two paths to one folder. An adapter recorded either before it named its base."""
+    ra, rb = (resolve_base(x) if is_registered(str(x)) else str(x) for x in (a, b))
+    if ra == rb:
+        return True
+    pa, pb = Path(ra), Path(rb)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def shown_path(path: str | os.PathLike) -> str:
     """``path`` as reports record it: relative to the repository when inside it (no machine's home folder in a
     committed JSON), otherwise as given (a hub id stays a hub id)."""

@@ -370,7 +370,7 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
             try:  # a name from this project's registry ("toy-world") reads the base it names
                 models = base_skeleton(resolve_base(recorded) if is_registered(recorded) else recorded,
                                        local_files_only=True)  # fmt: skip
-            except ExportError:
+            except (ExportError, OSError):  # a registered base missing or unbuildable here: read the file instead
                 models = None
         if models is None:
             family = family_from_tensors(adapter)

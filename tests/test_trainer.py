@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,6 +368,21 @@ def test_resuming_with_other_settings_is_one_sentence_before_loading(toy_base, i
         assert train_main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert expected in err[-1] and err[-1].startswith("error: ")
+    # the base is compared as a folder, not as text: the same base by another path resumes, another base does not
+    from gralora_diffusion.training.args import build_parser
+    from gralora_diffusion.training.data import TrainingDataError
+    from gralora_diffusion.training.dreambooth import read_instances
+
+    alias = tmp_path / "same-base"
+    alias.symlink_to(toy_base, target_is_directory=True)
+    other = save_toy_sdxl_pipeline(tmp_path / "other-base", seed=1)
+    for given, refused in ((alias, False), (other, True)):
+        args = build_parser().parse_args([*base[1:], f"--pretrained_model_name_or_path={given}", "--rank=8"])
+        if refused:
+            with pytest.raises(TrainingDataError, match=re.escape(f"trained on {toy_base}, not {other};")):
+                read_instances(args)
+        else:
+            assert len(read_instances(args)) == 4
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_loading(toy_base, instance_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ..bases import check_single_file, is_single_file
+from ..bases import check_single_file, is_single_file, same_base
 from ..config import GraloraConfigError, make_gralora_config
 from ..families import SDXL
 from .checkpoint import resolve_resume
@@ -232,7 +232,7 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
             "new --output_dir."
         )
     named = getattr(args, "base_model_name", None) or str(args.pretrained_model_name_or_path)
-    if adapter.base_model and adapter.base_model not in (named, str(args.pretrained_model_name_or_path)):
+    if adapter.base_model and not same_base(adapter.base_model, named):  # "toy-world" and its folder are one base
         raise TrainingDataError(
             f"{checkpoint.name} was trained on {adapter.base_model}, not {named}; "
             "resume on the same base or start a new --output_dir."

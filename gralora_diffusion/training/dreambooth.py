@@ -10,6 +10,7 @@ Data, loss, latents, checkpoints and generation are small tested modules beside 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -142,7 +143,7 @@ def add_adapters(args, unet, text_encoders) -> dict:
         for model in models.values():
             use_memory_lean_training(model)
         layers = [layer for model in models.values() for _, layer in gralora_layers(model)]
-        lean = [layer for layer in layers if layer.recompute_intermediate]
+        lean = [layer for layer in layers if getattr(layer, "recompute_intermediate", False)]
         convs = sum(isinstance(layer, GraloraConv2d) for layer in lean)
         logger.info(f"--gralora_recompute: {len(lean)} of {len(layers)} adapted layers ({convs} convolutions) "
                     "recompute their k*r-wide intermediate in backward")  # fmt: skip
@@ -273,8 +274,8 @@ def train(args, instances: list | None = None) -> TrainResult:
 
     # the adapter records the base as it was named ("toy-world", a hub id, a folder), the models load from where the
     # name resolves: a base from this project's registry is not recorded as this machine's path to it
-    if getattr(args, "base_model_name", None) is None:
-        args.base_model_name = str(args.pretrained_model_name_or_path)
+    args = copy.copy(args)  # the caller's namespace keeps the base as it named it
+    args.base_model_name = str(args.pretrained_model_name_or_path)
     args.pretrained_model_name_or_path = resolve_base(args.pretrained_model_name_or_path)
     if instances is None:
         instances = read_instances(args)
