@@ -112,7 +112,7 @@ def main(argv=None) -> None:
         for channels, side in shapes:
             for rank in args.ranks:
                 rows += run_shape(channels, side, rank, args, device, torch.float32, half)
-                for row in rows[-len(VARIANTS):]:
+                for row in rows[-len(VARIANTS) :]:
                     ops, mem = row["ops"], row["memory_vs_lora"]
                     vs = row["time_vs_lora"]
                     print(f"{channels:>5} ch {side:>3}^2 r {rank:>3} {row['variant']:>17}: {row['params']:>9,} params, "

@@ -416,9 +416,7 @@ def main() -> None:
     parser.add_argument("--vae_steps", type=int, default=3000)
     parser.add_argument("--vae_batch", type=int, default=8)
     parser.add_argument("--vae_lr", type=float, default=3e-3)
-    parser.add_argument(
-        "--vae_random_share", type=float, default=0.5, help="share of random-colour VAE images"
-    )
+    parser.add_argument("--vae_random_share", type=float, default=0.5, help="share of random-colour VAE images")
     parser.add_argument("--decoder_steps", type=int, default=1500, help="stage 1b: decoder-only steps (0: none)")
     parser.add_argument("--decoder_lr", type=float, default=1e-3)
     parser.add_argument("--decoder_random_share", type=float, default=0.5, help="share of random-colour images")
