@@ -57,7 +57,7 @@ def is_registered(base: str | None) -> bool:
 def same_base(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two ways of naming a base name the same one: a registered name and its folder ("toy-world" and the
     installed folder), or two paths to one folder. An adapter recorded either before it named its base."""
-    ra, rb = (resolve_base(x) if is_registered(str(x)) else str(x) for x in (a, b))
+    ra, rb = resolve_base(a), resolve_base(b)
     if ra == rb:
         return True
     pa, pb = Path(ra), Path(rb)

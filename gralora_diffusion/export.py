@@ -40,7 +40,7 @@ from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import save_file
 from torch import nn
 
-from .bases import is_registered, resolve_base
+from .bases import resolve_base
 from .families import ALL_COMPONENTS as COMPONENTS
 from .families import family_named, family_of_components
 from .fs import write_file_atomically
@@ -368,8 +368,7 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
         models, source = None, f"the recorded base {recorded}"
         if recorded:
             try:  # a name from this project's registry ("toy-world") reads the base it names
-                models = base_skeleton(resolve_base(recorded) if is_registered(recorded) else recorded,
-                                       local_files_only=True)  # fmt: skip
+                models = base_skeleton(resolve_base(recorded), local_files_only=True)
             except (ExportError, OSError):  # a registered base missing or unbuildable here: read the file instead
                 models = None
         if models is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..bases import is_registered
 from ..fs import write_text_atomically
 
 
@@ -25,8 +26,6 @@ def model_card(
 ) -> str:
     """Markdown with YAML front matter (tags for the Hub), settings, gallery and how to load the adapter."""
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in validation_images) or "(no validation images)"
-    from ..bases import is_registered
-
     loader = "from_single_file" if str(base_model).lower().endswith(".safetensors") else "from_pretrained"
     source = f'"{base_model}"'
     imports = "from gralora_diffusion import load_gralora_weights, set_gralora_adapters"
