@@ -395,6 +395,30 @@ def test_model_card_has_settings_gallery_and_loading_code():
     assert 'load_gralora_weights(pipe, "sks-dog.safetensors"' in card and "<gralora:sks-dog:0.8>" in card
 
 
+def test_model_card_front_matter_reads_back_and_names_only_hub_models(tmp_path):
+    """The Hub's own parser reads the front matter: a prompt with YAML's special characters survives, and
+    ``base_model`` appears only for a Hub model id (a toy base, a folder or a single file is not one)."""
+    from huggingface_hub import ModelCard
+
+    fields = dict(
+        adapter_file="a.safetensors", rank=4, gralora_k=2, alpha=8, hybrid_r=0, steps=1, train_text_encoder=False,
+        unet_target="attention", learning_rate=1e-4, resolution=64, validation_images=[],
+    )  # fmt: skip
+    prompt = 'a photo of sks dog: "fluffy" # 1'
+    folder = tmp_path / "my-sdxl"
+    folder.mkdir()
+    for base, expected in [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("toy-world", None),
+        ("gralora-diffusion/toy-sdxl", None),  # a toy adapter's recorded id, not a Hub model
+        (str(folder), None),
+        ("models/sdxl.safetensors", None),
+    ]:
+        data = ModelCard(model_card(base_model=base, instance_prompt=prompt, **fields)).data.to_dict()
+        assert data.get("base_model") == expected, base
+        assert data["instance_prompt"] == prompt and "gralora" in data["tags"]
+
+
 def test_hf_dataset_rows_become_records_with_their_captions(tmp_path):
     pytest.importorskip("datasets")
     from gralora_diffusion.training.data import read_hf_dataset

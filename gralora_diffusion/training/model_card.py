@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from ..bases import is_registered
 from ..fs import write_text_atomically
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def hub_model_id(base: str) -> str | None:
+    """``base`` when it names a model on the Hugging Face Hub ("owner/name"), else ``None``: the Hub rejects a card
+    whose ``base_model`` is not a model id, and a local folder, a single file or one of this project's toy bases is
+    none."""
+    text = str(base)
+    if is_registered(text) or Path(text).exists() or not _HUB_ID.fullmatch(text) or ".." in text:
+        return None
+    return None if text.lower().endswith((".safetensors", ".ckpt", ".bin")) else text
 
 
 def model_card(
@@ -32,15 +46,16 @@ def model_card(
     if is_registered(base_model):  # one of this project's toy bases: diffusers reads it from where it is installed
         source = f'resolve_base("{base_model}")'
         imports += "\nfrom gralora_diffusion.bases import resolve_base"
+    hub_id = hub_model_id(base_model)
+    front = f"base_model: {hub_id}\n" if hub_id else ""  # the body still names the base, whatever it is
     return f"""---
-base_model: {base_model}
-tags:
+{front}tags:
 - gralora
 - text-to-image
 - stable-diffusion-xl
 - diffusers
 - dreambooth
-instance_prompt: {instance_prompt}
+instance_prompt: {json.dumps(instance_prompt)}
 ---
 
 # GraLoRA DreamBooth adapter: `{Path(adapter_file).stem}`
