@@ -338,13 +338,14 @@ _CROSS_WIDTHS = {768: "sd1", 1024: "sd1", 2048: "sdxl"}
 def family_from_tensors(adapter: AdapterFile) -> str | None:
     """The base family an adapter was trained for, where its own tensors tell (``sd3``, ``sdxl`` or ``sd1``; SD 2.x
     counts as ``sd1``, whose kohya names it shares), else None: a transformer or a third text encoder is SD3's; a
-    second text encoder, or cross-attention projections reading 2048 channels, SDXL's; 768 or 1024, SD 1.x / 2.x's."""
+    second text encoder, or cross-attention projections reading 2048 channels, SDXL's; 768 or 1024, SD 1.x / 2.x's; a
+    single text encoder alone of those widths, SD 1.x / 2.x's too."""
     if {"transformer", "text_encoder_3"} & set(adapter.components):
         return "sd3"
     if "text_encoder_2" in adapter.components:
         return "sdxl"
     if "unet" not in adapter.components:
-        return None  # a text encoder alone: SD 1.x's CLIP-L is SDXL's first encoder too
+        return _family_of_text_encoder_alone(adapter)
     tensors = adapter.state_dicts["unet"]
     widths = set()
     for module in adapter.module_names("unet"):
@@ -353,6 +354,20 @@ def family_from_tensors(adapter: AdapterFile) -> str | None:
             widths.add(a.shape[0] * a.shape[1])
     families = {_CROSS_WIDTHS.get(w) for w in widths}
     return families.pop() if len(families) == 1 else None
+
+
+def _family_of_text_encoder_alone(adapter: AdapterFile) -> str | None:
+    """SD 1.x / 2.x for an adapter on one text encoder of CLIP-L's 768 or OpenCLIP-H's 1024 channels, else None.
+    768 is also SDXL's first encoder, but SDXL trainers (ours, diffusers', kohya's) adapt both encoders or none."""
+    if set(adapter.components) != {"text_encoder"}:
+        return None
+    tensors = adapter.state_dicts["text_encoder"]
+    widths = set()
+    for module in adapter.module_names("text_encoder"):
+        if module.endswith("self_attn.q_proj"):
+            a = tensors[f"{module}.gralora_A"]  # [k, in / k, r]
+            widths.add(a.shape[0] * a.shape[1])
+    return "sd1" if widths and widths <= {768, 1024} and len(widths) == 1 else None
 
 
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:

@@ -342,7 +342,7 @@ def _sd15_width_pipeline(seed: int = 0):
     pipe.unet = _toy_unet(cross_attention_dim=768)
     torch.manual_seed(seed + 1)
     vocab = pipe.text_encoder.config.vocab_size
-    pipe.text_encoder = CLIPTextModel(_text_encoder_config(vocab, projection=False, width=768, layers=1))
+    pipe.text_encoder = CLIPTextModel(_text_encoder_config(vocab, projection=False, width=768, layers=2))
     return pipe
 
 
@@ -366,7 +366,38 @@ def test_kohya_export_without_a_readable_base_tells_sd1_by_the_cross_attention_w
     assert not any(key.startswith(("lora_te1_", "lora_unet_input_blocks")) for key in lora)
     ours, theirs = gralora_pipe(path, _sd15_width_pipeline), lora_pipe(out, _sd15_width_pipeline)
     assert (unet_out(ours) - unet_out(_sd15_width_pipeline(0))).abs().max() > 1e-2
+    assert (text_out(ours) - text_out(_sd15_width_pipeline(0))).abs().max() > 1e-2  # two layers: [-2] is adapted
     assert (unet_out(ours) - unet_out(theirs)).abs().max() <= 1e-4
+    assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
+
+
+def test_kohya_export_of_an_sd1_text_encoder_alone_gets_sd1_names(tmp_path):
+    """An adapter on an SD 1.x-width text encoder only, with no readable base: kohya's SD 1.x name ``lora_te_`` (it
+    was SDXL's ``lora_te1_``), and diffusers' SD 1.5 kohya loader reproduces the text encoder's output."""
+    from gralora_diffusion.export import family_from_tensors
+    from gralora_diffusion.io import save_adapter_file
+
+    both = make_adapter_file(
+        tmp_path / "both.safetensors", seed=4, text_encoders=("text_encoder",), b_scale=0.2,
+        pipeline_builder=_sd15_width_pipeline, metadata={"base_model": "nowhere/sd15"},
+    )  # fmt: skip
+    adapter = gd.read_adapter(both)
+    for part in (adapter.state_dicts, adapter.configs):
+        part.pop("unet")
+    path = save_adapter_file(tmp_path / "te.safetensors", adapter)
+    adapter = gd.read_adapter(path)
+    assert set(adapter.components) == {"text_encoder"} and family_from_tensors(adapter) == "sd1"
+    out = tmp_path / "te-kohya.safetensors"
+    export_lora(path, out, "kohya", exact=True)
+    lora = load_file(str(out))
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in lora
+    assert not any(key.startswith(("lora_te1_", "lora_unet")) for key in lora)
+    theirs = _sd15_width_pipeline(0)
+    with diffusers_messages() as messages:
+        theirs.load_lora_weights(str(out))
+    assert all("No LoRA keys associated to UNet2DConditionModel" in m for m in messages)  # none meant for it
+    ours = gralora_pipe(path, _sd15_width_pipeline)
+    assert (text_out(ours) - text_out(_sd15_width_pipeline(0))).abs().max() > 1e-2
     assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
 
 
