@@ -119,7 +119,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"{r.component:<15} {r.layers:>6}  {r.rank_text:<7} {r.relative_error:>14.3e}  {r.worst_layer_error:>11.3e}"
         )
-    naming = f"; UNet blocks named for {result.unet_naming}" if result.unet_naming else ""
+    named = "UNet blocks named" if any(r.component == "unet" for r in result.components) else "names"
+    naming = f"; {named} for {result.unet_naming}" if result.unet_naming else ""
     print(f"wrote {result.path} ({result.layout} layout{naming})")
     if args.to == "diffusers":
         print(

@@ -364,10 +364,13 @@ def _family_of_text_encoder_alone(adapter: AdapterFile) -> str | None:
     tensors = adapter.state_dicts["text_encoder"]
     widths = set()
     for module in adapter.module_names("text_encoder"):
-        if module.endswith("self_attn.q_proj"):
+        if module.endswith(_READS_HIDDEN_WIDTH):
             a = tensors[f"{module}.gralora_A"]  # [k, in / k, r]
             widths.add(a.shape[0] * a.shape[1])
-    return "sd1" if widths and widths <= {768, 1024} and len(widths) == 1 else None
+    return "sd1" if len(widths) == 1 and widths <= {768, 1024} else None
+
+
+_READS_HIDDEN_WIDTH = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")
 
 
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
@@ -388,6 +391,9 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
                 models = None
         if models is None:
             family = family_from_tensors(adapter)
+            if family == "sd1" and "unet" not in adapter.components:
+                return BaseLayout("SD 1.x / 2.x (told by the width of the adapter's one text encoder; pass --base to "
+                                  "read the base itself)", None, "sd1")  # fmt: skip
             if family == "sd1":
                 return BaseLayout("SD 1.x / 2.x (told by the adapter's cross-attention width; pass --base to read the "
                                   "base itself)", None, "sd1")  # fmt: skip

@@ -371,7 +371,7 @@ def test_kohya_export_without_a_readable_base_tells_sd1_by_the_cross_attention_w
     assert (text_out(ours) - text_out(theirs)).abs().max() <= 1e-4
 
 
-def test_kohya_export_of_an_sd1_text_encoder_alone_gets_sd1_names(tmp_path):
+def test_kohya_export_of_an_sd1_text_encoder_alone_gets_sd1_names(tmp_path, capsys):
     """An adapter on an SD 1.x-width text encoder only, with no readable base: kohya's SD 1.x name ``lora_te_`` (it
     was SDXL's ``lora_te1_``), and diffusers' SD 1.5 kohya loader reproduces the text encoder's output."""
     from gralora_diffusion.export import family_from_tensors
@@ -388,7 +388,13 @@ def test_kohya_export_of_an_sd1_text_encoder_alone_gets_sd1_names(tmp_path):
     adapter = gd.read_adapter(path)
     assert set(adapter.components) == {"text_encoder"} and family_from_tensors(adapter) == "sd1"
     out = tmp_path / "te-kohya.safetensors"
-    export_lora(path, out, "kohya", exact=True)
+    from gralora_diffusion import cli
+
+    capsys.readouterr()
+    assert cli.main(["export", str(path), "--to", "kohya", "--exact", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "names for SD 1.x / 2.x (told by the width of the adapter's one text encoder" in printed
+    assert "UNet" not in printed  # it adapts no UNet
     lora = load_file(str(out))
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in lora
     assert not any(key.startswith(("lora_te1_", "lora_unet")) for key in lora)
@@ -422,6 +428,17 @@ def test_family_from_tensors_reads_sdxl_and_sd3_and_stays_silent_when_unsure(tmp
     # SDXL's two encoders side by side, SD 2.x's OpenCLIP-H, SD 1.x's CLIP-L, the SDXL refiner's 1280 (not told)
     assert [family_from_tensors(cross_attention_reading(w)) for w in (2048, 1024, 768, 1280)] == [
         "sdxl", "sd1", "sd1", None]  # fmt: skip
+
+    def text_encoder_alone(width: int, projection: str, k: int = 2, r: int = 4) -> AdapterFile:
+        module = f"text_model.encoder.layers.0.{projection}"
+        tensors = {f"{module}.gralora_A": torch.zeros(k, width // k, r), f"{module}.gralora_B": torch.zeros(k, r, 8)}
+        return AdapterFile(state_dicts={"text_encoder": tensors}, configs={})
+
+    # one text encoder alone: CLIP-L's 768 or OpenCLIP-H's 1024 by any projection reading the hidden width; a toy's
+    # 32 and a projection reading fc1's 3072 outputs (fc2) tell nothing
+    cases = [(768, "self_attn.v_proj"), (1024, "mlp.fc1"), (768, "self_attn.out_proj"), (32, "self_attn.q_proj"),
+             (3072, "mlp.fc2")]  # fmt: skip
+    assert [family_from_tensors(text_encoder_alone(w, p)) for w, p in cases] == ["sd1", "sd1", "sd1", None, None]
 
 
 # --- failures --------------------------------------------------------------------------------------------------

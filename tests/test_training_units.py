@@ -395,28 +395,43 @@ def test_model_card_has_settings_gallery_and_loading_code():
     assert 'load_gralora_weights(pipe, "sks-dog.safetensors"' in card and "<gralora:sks-dog:0.8>" in card
 
 
-def test_model_card_front_matter_reads_back_and_names_only_hub_models(tmp_path):
+def test_model_card_front_matter_reads_back_and_names_only_hub_models(tmp_path, monkeypatch):
     """The Hub's own parser reads the front matter: a prompt with YAML's special characters survives, and
-    ``base_model`` appears only for a Hub model id (a toy base, a folder or a single file is not one)."""
+    ``base_model`` appears only for a Hub model id (a toy base, a folder or a single file is not one). The card's
+    Python snippet passes the same prompt and base, whatever characters they hold."""
+    import ast
+
     from huggingface_hub import ModelCard
+
+    from gralora_diffusion.bases import is_registered
 
     fields = dict(
         adapter_file="a.safetensors", rank=4, gralora_k=2, alpha=8, hybrid_r=0, steps=1, train_text_encoder=False,
         unet_target="attention", learning_rate=1e-4, resolution=64, validation_images=[],
     )  # fmt: skip
-    prompt = 'a photo of sks dog: "fluffy" # 1'
-    folder = tmp_path / "my-sdxl"
-    folder.mkdir()
+    prompt = 'a photo of sks dog: "fluffy" # 1 \\ 😀 \x85 done'
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "sdxl").mkdir(parents=True)
     for base, expected in [
         ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
         ("toy-world", None),
         ("gralora-diffusion/toy-sdxl", None),  # a toy adapter's recorded id, not a Hub model
-        (str(folder), None),
+        ("models/sdxl", None),  # shaped like a Hub id, but a folder here, which diffusers would read
+        (str(tmp_path / "models" / "sdxl"), None),
         ("models/sdxl.safetensors", None),
+        ("C:\\models\\sdxl.safetensors", None),
     ]:
-        data = ModelCard(model_card(base_model=base, instance_prompt=prompt, **fields)).data.to_dict()
+        card = model_card(base_model=base, instance_prompt=prompt, **fields)
+        data = ModelCard(card).data.to_dict()
         assert data.get("base_model") == expected, base
         assert data["instance_prompt"] == prompt and "gralora" in data["tags"]
+        code = card.split("```python\n")[1].split("```")[0]
+        calls = {node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id: node
+                 for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)}  # fmt: skip
+        assert ast.literal_eval(calls["pipe"].args[0]) == prompt
+        if not is_registered(base):  # a registered toy base is read through resolve_base(name)
+            loader = calls["from_single_file" if base.endswith(".safetensors") else "from_pretrained"]
+            assert ast.literal_eval(loader.args[0]) == base
 
 
 def test_hf_dataset_rows_become_records_with_their_captions(tmp_path):

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from ..bases import is_registered
 from ..fs import write_text_atomically
 
@@ -17,9 +19,20 @@ def hub_model_id(base: str) -> str | None:
     whose ``base_model`` is not a model id, and a local folder, a single file or one of this project's toy bases is
     none."""
     text = str(base)
-    if is_registered(text) or Path(text).exists() or not _HUB_ID.fullmatch(text) or ".." in text:
+    if not _HUB_ID.fullmatch(text) or ".." in text or is_registered(text) or Path(text).exists():
         return None
     return None if text.lower().endswith((".safetensors", ".ckpt", ".bin")) else text
+
+
+def _yaml_string(text: str) -> str:
+    """``text`` as one double-quoted YAML scalar that reads back as itself (emoji, line breaks, '#', ':' included)."""
+    dumped = yaml.safe_dump(text, allow_unicode=True, default_style='"', width=float("inf"))
+    return dumped.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _python_string(text: str) -> str:
+    """``text`` as a double-quoted Python string literal (JSON's escapes are Python's)."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 def model_card(
@@ -41,10 +54,10 @@ def model_card(
     """Markdown with YAML front matter (tags for the Hub), settings, gallery and how to load the adapter."""
     gallery = "\n".join(f"![{prompt}]({path})" for path, prompt in validation_images) or "(no validation images)"
     loader = "from_single_file" if str(base_model).lower().endswith(".safetensors") else "from_pretrained"
-    source = f'"{base_model}"'
+    source = _python_string(base_model)
     imports = "from gralora_diffusion import load_gralora_weights, set_gralora_adapters"
     if is_registered(base_model):  # one of this project's toy bases: diffusers reads it from where it is installed
-        source = f'resolve_base("{base_model}")'
+        source = f"resolve_base({_python_string(base_model)})"
         imports += "\nfrom gralora_diffusion.bases import resolve_base"
     hub_id = hub_model_id(base_model)
     front = f"base_model: {hub_id}\n" if hub_id else ""  # the body still names the base, whatever it is
@@ -55,7 +68,7 @@ def model_card(
 - stable-diffusion-xl
 - diffusers
 - dreambooth
-instance_prompt: {json.dumps(instance_prompt)}
+instance_prompt: {_yaml_string(instance_prompt)}
 ---
 
 # GraLoRA DreamBooth adapter: `{Path(adapter_file).stem}`
@@ -87,9 +100,9 @@ from diffusers import StableDiffusionXLPipeline
 {imports}
 
 pipe = StableDiffusionXLPipeline.{loader}({source}, torch_dtype=torch.float16).to("cuda")
-load_gralora_weights(pipe, "{adapter_file}", adapter_name="subject")
+load_gralora_weights(pipe, {_python_string(adapter_file)}, adapter_name="subject")
 set_gralora_adapters(pipe, ["subject"], [1.0])
-image = pipe("{instance_prompt}").images[0]
+image = pipe({_python_string(instance_prompt)}).images[0]
 ```
 
 ## Use it in the app
