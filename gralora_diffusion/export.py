@@ -346,14 +346,18 @@ def family_from_tensors(adapter: AdapterFile) -> str | None:
         return "sdxl"
     if "unet" not in adapter.components:
         return _family_of_text_encoder_alone(adapter)
-    tensors = adapter.state_dicts["unet"]
-    widths = set()
-    for module in adapter.module_names("unet"):
-        if module.endswith(("attn2.to_k", "attn2.to_v")):
-            a = tensors[f"{module}.gralora_A"]  # [k, in / k, r]
-            widths.add(a.shape[0] * a.shape[1])
-    families = {_CROSS_WIDTHS.get(w) for w in widths}
+    families = {_CROSS_WIDTHS.get(w) for w in _input_widths(adapter, "unet", ("attn2.to_k", "attn2.to_v"))}
     return families.pop() if len(families) == 1 else None
+
+
+_READS_HIDDEN_WIDTH = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")
+
+
+def _input_widths(adapter: AdapterFile, component: str, suffixes: tuple[str, ...]) -> set[int]:
+    """The input widths of ``component``'s adapted modules whose names end with one of ``suffixes``."""
+    tensors = adapter.state_dicts[component]
+    shapes = [tensors[f"{m}.gralora_A"].shape for m in adapter.module_names(component) if m.endswith(suffixes)]
+    return {k * block for k, block, _ in shapes}  # A is [k, in / k, r]
 
 
 def _family_of_text_encoder_alone(adapter: AdapterFile) -> str | None:
@@ -361,16 +365,8 @@ def _family_of_text_encoder_alone(adapter: AdapterFile) -> str | None:
     768 is also SDXL's first encoder, but SDXL trainers (ours, diffusers', kohya's) adapt both encoders or none."""
     if set(adapter.components) != {"text_encoder"}:
         return None
-    tensors = adapter.state_dicts["text_encoder"]
-    widths = set()
-    for module in adapter.module_names("text_encoder"):
-        if module.endswith(_READS_HIDDEN_WIDTH):
-            a = tensors[f"{module}.gralora_A"]  # [k, in / k, r]
-            widths.add(a.shape[0] * a.shape[1])
+    widths = _input_widths(adapter, "text_encoder", _READS_HIDDEN_WIDTH)
     return "sd1" if len(widths) == 1 and widths <= {768, 1024} else None
-
-
-_READS_HIDDEN_WIDTH = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")
 
 
 def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = None) -> BaseLayout:
@@ -391,12 +387,10 @@ def resolve_base_layout(adapter: AdapterFile, base: str | os.PathLike | None = N
                 models = None
         if models is None:
             family = family_from_tensors(adapter)
-            if family == "sd1" and "unet" not in adapter.components:
-                return BaseLayout("SD 1.x / 2.x (told by the width of the adapter's one text encoder; pass --base to "
-                                  "read the base itself)", None, "sd1")  # fmt: skip
             if family == "sd1":
-                return BaseLayout("SD 1.x / 2.x (told by the adapter's cross-attention width; pass --base to read the "
-                                  "base itself)", None, "sd1")  # fmt: skip
+                told = "the adapter's cross-attention width" if "unet" in adapter.components else (
+                    "the width of the adapter's one text encoder")  # fmt: skip
+                return BaseLayout(f"SD 1.x / 2.x (told by {told}; pass --base to read the base itself)", None, "sd1")
             if family == "sd3":
                 return BaseLayout("SD3 (the adapter adapts a transformer)", None, "sd3")
             return BaseLayout("SDXL (built-in layout; pass --base to read another)", SDXL_UNET_CONFIG, "sdxl")

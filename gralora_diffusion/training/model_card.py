@@ -26,8 +26,7 @@ def hub_model_id(base: str) -> str | None:
 
 def _yaml_string(text: str) -> str:
     """``text`` as one double-quoted YAML scalar that reads back as itself (emoji, line breaks, '#', ':' included)."""
-    dumped = yaml.safe_dump(text, allow_unicode=True, default_style='"', width=float("inf"))
-    return dumped.removesuffix("\n").removesuffix("\n...").strip()
+    return yaml.safe_dump(text, allow_unicode=True, default_style='"', width=float("inf")).strip()
 
 
 def _python_string(text: str) -> str:
